@@ -1,0 +1,41 @@
+"""icon2_lens: self-synthetic preference data from a model's own residual stream (Icon2).
+
+The public surface::
+
+    import icon2_lens as il
+    model = il.load_model()                                   # embedded SmolLM2-135M-Instruct, offline
+    dirs = il.extract_directions(model, il.DEFAULT_CRITERIA, "default")
+    report = il.layer_report(model, dirs); dirs = report.apply(dirs)
+    dirs.save("out/directions"); dirs = il.DirectionSet.load("out/directions", model=model)
+"""
+
+from .activations import LastTokenReader, read_last_token
+from .criteria import DEFAULT_CRITERIA, Criterion, load_criteria
+from .directions import DirectionSet, directions_from_activations, extract_directions
+from .instructions import builtin_instructions, load_instructions
+from .layers import LayerReport, layer_report, split_half_stability, suggest_layer_range
+from .models import LoadedModel, ModelInfo, load_model
+from .prompts import render_chat
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_CRITERIA",
+    "Criterion",
+    "DirectionSet",
+    "LastTokenReader",
+    "LayerReport",
+    "LoadedModel",
+    "ModelInfo",
+    "builtin_instructions",
+    "directions_from_activations",
+    "extract_directions",
+    "layer_report",
+    "load_criteria",
+    "load_instructions",
+    "load_model",
+    "read_last_token",
+    "render_chat",
+    "split_half_stability",
+    "suggest_layer_range",
+]

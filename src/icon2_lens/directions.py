@@ -1,0 +1,473 @@
+"""Direction vectors: one unit vector per criterion and layer, computed from contrast pairs.
+
+For each criterion and feature instruction ``d`` the model reads ``d`` after the positive and
+after the negative system prompt; the last-token residuals ``h+`` and ``h-`` give a difference
+``h+ - h-`` per layer. A direction is the first principal component of those differences
+(``pca``, RepE-style, uncentred), of the centred differences (``pca_centered``), or their mean
+(``mean_diff``); its sign is fixed so that the mean difference projects positively.
+
+The statistics are accumulated in a streaming way (sums and ``d_model x d_model`` second
+moments per layer), so extraction memory does not grow with the number of instructions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+from jaxtyping import Float
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .activations import HookKind, LastTokenReader, tokenize_texts
+from .criteria import Criterion, resolve_criteria
+from .files import atomic_folder
+from .instructions import load_instructions
+from .models import LoadedModel
+from .prompts import require_chat_template, stimulus_texts
+
+__all__ = [
+    "Method",
+    "ContrastAccumulator",
+    "DirectionSet",
+    "directions_from_activations",
+    "extract_directions",
+    "instruction_hash",
+    "versions",
+]
+
+#: How a direction is computed from the differences ``h+ - h-`` of one layer.
+Method = Literal["pca", "mean_diff", "pca_centered"]
+_METHODS = ("pca", "mean_diff", "pca_centered")
+_FORMAT = "icon2_lens.directions/1"
+STAT_NAMES = ("resid_norm", "diff_norm", "explained_variance", "proj_mean", "proj_std", "proj_gap")
+
+
+def instruction_hash(text: str) -> str:
+    """Short stable hash of an instruction (12 hex digits), used to record which were used.
+
+    Example:
+        >>> len(instruction_hash("Write a haiku."))
+        12
+    """
+    return hashlib.sha256(text.strip().encode("utf-8")).hexdigest()[:12]
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries that shape the numbers (recorded in metadata).
+
+    Example:
+        >>> "torch" in versions()
+        True
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("icon2-lens", "torch", "transformers", "transformer-lens"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+@dataclass
+class ContrastAccumulator:
+    """Streaming sums over contrast pairs of one criterion, per layer.
+
+    Holds the count, the sum and second moment of the differences ``h+ - h-``, the sum and a
+    shifted second moment of the pooled activations ``{h+, h-}``, and norm sums. Memory is
+    ``2 x layer x d_model^2`` floats, independent of the number of pairs.
+
+    Example:
+        >>> acc = ContrastAccumulator(n_layers=2, d_model=4)
+        >>> acc.update(torch.randn(8, 2, 4) + 1, torch.randn(8, 2, 4))
+        >>> acc.n
+        8
+    """
+
+    n_layers: int
+    d_model: int
+    n: int = 0
+    diff_sum: Tensor = field(init=False)
+    diff_gram: Tensor = field(init=False)
+    h_sum: Tensor = field(init=False)
+    h_gram: Tensor = field(init=False)
+    h_ref: Tensor | None = field(init=False, default=None)
+    resid_norm_sum: Tensor = field(init=False)
+    diff_norm_sum: Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        L, d = self.n_layers, self.d_model
+        self.diff_sum = torch.zeros(L, d, dtype=torch.float64)
+        self.diff_gram = torch.zeros(L, d, d, dtype=torch.float32)
+        self.h_sum = torch.zeros(L, d, dtype=torch.float64)
+        self.h_gram = torch.zeros(L, d, d, dtype=torch.float32)
+        self.resid_norm_sum = torch.zeros(L, dtype=torch.float64)
+        self.diff_norm_sum = torch.zeros(L, dtype=torch.float64)
+
+    def update(self, pos: Float[Tensor, "batch layer d_model"], neg: Float[Tensor, "batch layer d_model"]) -> None:
+        """Add a batch of paired activations (row ``i`` of ``pos`` pairs with row ``i`` of ``neg``)."""
+        if pos.shape != neg.shape or pos.shape[1:] != (self.n_layers, self.d_model):
+            raise ValueError(
+                f"pos {tuple(pos.shape)} and neg {tuple(neg.shape)} must both be [batch, {self.n_layers}, {self.d_model}]."
+            )
+        pos, neg = pos.float(), neg.float()
+        diff = pos - neg
+        pooled = torch.cat([pos, neg], 0)
+        if self.h_ref is None:  # shift for a numerically stable second moment
+            self.h_ref = pooled.mean(0)
+        shifted = (pooled - self.h_ref).transpose(0, 1)  # [layer, 2b, d]
+        dt = diff.transpose(0, 1)
+        self.diff_gram += dt.transpose(1, 2) @ dt
+        self.h_gram += shifted.transpose(1, 2) @ shifted
+        self.diff_sum += diff.sum(0).double()
+        self.h_sum += pooled.sum(0).double()
+        self.resid_norm_sum += pooled.norm(dim=-1).sum(0).double()
+        self.diff_norm_sum += diff.norm(dim=-1).sum(0).double()
+        self.n += pos.shape[0]
+
+    def directions(self, method: Method = "pca") -> tuple[Float[Tensor, "layer d_model"], dict[str, Float[Tensor, " layer"]]]:
+        """Unit direction per layer and its statistics (see :data:`STAT_NAMES`)."""
+        if method not in _METHODS:
+            raise ValueError(f"Unknown method {method!r}; use one of {list(_METHODS)}.")
+        if self.n == 0:
+            raise ValueError("No contrast pairs were accumulated; pass at least one instruction.")
+        n = self.n
+        mean_diff = self.diff_sum / n  # float64 [L, d]
+        vecs = torch.empty(self.n_layers, self.d_model, dtype=torch.float64)
+        for layer in range(self.n_layers):
+            if method == "mean_diff":
+                v = mean_diff[layer]
+            else:
+                g = self.diff_gram[layer].double()
+                if method == "pca_centered":
+                    g = g - n * torch.outer(mean_diff[layer], mean_diff[layer])
+                _, eigvecs = torch.linalg.eigh(g)
+                v = eigvecs[:, -1]
+            norm = v.norm()
+            if not torch.isfinite(norm) or norm == 0:
+                raise ValueError(f"Layer {layer}: the contrast pairs do not differ, so no direction exists.")
+            v = v / norm
+            if torch.dot(v, mean_diff[layer]) < 0:
+                v = -v
+            vecs[layer] = v
+        # statistics
+        gd = torch.stack([vecs[i] @ self.diff_gram[i].double() @ vecs[i] for i in range(self.n_layers)])
+        trace = torch.stack([self.diff_gram[i].double().diagonal().sum() for i in range(self.n_layers)])
+        m_pool = 2 * n
+        h_mean = self.h_sum / m_pool
+        assert self.h_ref is not None
+        delta = h_mean - self.h_ref.double()
+        var = torch.stack([
+            vecs[i] @ self.h_gram[i].double() @ vecs[i] / m_pool - torch.dot(vecs[i], delta[i]) ** 2
+            for i in range(self.n_layers)
+        ])
+        stats = {
+            "resid_norm": self.resid_norm_sum / m_pool,
+            "diff_norm": self.diff_norm_sum / n,
+            "explained_variance": gd / trace.clamp_min(1e-30),
+            "proj_mean": (vecs * h_mean).sum(-1),
+            "proj_std": var.clamp_min(0).sqrt(),
+            "proj_gap": (vecs * mean_diff).sum(-1),
+        }
+        return vecs.float(), {k: v.float() for k, v in stats.items()}
+
+
+def directions_from_activations(
+    pos: Float[Tensor, "n layer d_model"],
+    neg: Float[Tensor, "n layer d_model"],
+    *,
+    method: Method = "pca",
+) -> tuple[Float[Tensor, "layer d_model"], dict[str, Float[Tensor, " layer"]]]:
+    """Directions and statistics from paired activations held in memory (pure tensor math).
+
+    Example:
+        >>> u, stats = directions_from_activations(torch.randn(16, 3, 8) + 2, torch.randn(16, 3, 8))
+        >>> u.shape, sorted(stats)[:2]
+        (torch.Size([3, 8]), ['diff_norm', 'explained_variance'])
+    """
+    acc = ContrastAccumulator(n_layers=pos.shape[1], d_model=pos.shape[2])
+    acc.update(pos, neg)
+    return acc.directions(method)
+
+
+@dataclass(frozen=True)
+class DirectionSet:
+    """Unit direction vectors per criterion and layer, with statistics and metadata.
+
+    Attributes:
+        vectors: ``[criterion, layer, d_model]`` unit vectors (float32, CPU).
+        criteria: criterion names, in the order of ``vectors``.
+        stats: per-layer statistics, each ``[criterion, layer]``: ``resid_norm`` (mean residual norm at
+            the read position), ``diff_norm`` (mean ``|h+ - h-|``), ``explained_variance`` (share of the
+            differences' squared norm along the direction), ``proj_mean`` / ``proj_std`` (projection of
+            the feature-set activations, both prompts pooled), ``proj_gap`` (mean projection of ``h+ - h-``).
+        meta: criteria prompts, layers, hook, method, counts, model id and fingerprint, versions,
+            and ``suggested_layers`` once a layer report has run.
+
+    Example:
+        >>> dirs = il.extract_directions(model, il.DEFAULT_CRITERIA, "default")  # doctest: +SKIP
+        >>> dirs.vector("helpful").shape  # doctest: +SKIP
+        torch.Size([30, 576])
+    """
+
+    vectors: Float[Tensor, "criterion layer d_model"]
+    criteria: list[str]
+    stats: dict[str, Float[Tensor, "criterion layer"]]
+    meta: dict[str, Any]
+
+    # ---- access -------------------------------------------------------------------------
+    @property
+    def layers(self) -> list[int]:
+        """Model layer index of each row of ``vectors[c]``."""
+        return list(self.meta["layers"])
+
+    @property
+    def hook(self) -> str:
+        """Residual hook kind the vectors were read at (e.g. ``resid_post``)."""
+        return str(self.meta["hook"])
+
+    @property
+    def suggested_layers(self) -> list[int] | None:
+        """Steering layer range suggested by the layer report (``None`` before one ran)."""
+        s = self.meta.get("suggested_layers")
+        return None if s is None else list(s)
+
+    @property
+    def criterion_defs(self) -> list[Criterion]:
+        """The criteria (with their prompts) the vectors were extracted for."""
+        return [Criterion(**c) for c in self.meta["criteria"]]
+
+    def index(self, criterion: str) -> int:
+        """Row of ``criterion`` in ``vectors``; a clear error if it is missing."""
+        if criterion not in self.criteria:
+            raise KeyError(f"Criterion {criterion!r} is not in these directions; available: {self.criteria}.")
+        return self.criteria.index(criterion)
+
+    def vector(self, criterion: str) -> Float[Tensor, "layer d_model"]:
+        """The unit vectors of one criterion, one per layer."""
+        return self.vectors[self.index(criterion)]
+
+    def stat(self, name: str, criterion: str) -> Float[Tensor, " layer"]:
+        """One per-layer statistic of one criterion (see :attr:`stats`)."""
+        if name not in self.stats:
+            raise KeyError(f"Unknown statistic {name!r}; available: {sorted(self.stats)}.")
+        return self.stats[name][self.index(criterion)]
+
+    def criterion_cosines(self) -> Float[Tensor, "layer criterion criterion"]:
+        """Cosine similarity between the criteria's directions at each layer."""
+        v = self.vectors.transpose(0, 1)  # [layer, C, d]
+        return v @ v.transpose(1, 2)
+
+    def with_meta(self, **updates: Any) -> "DirectionSet":
+        """A copy with metadata keys updated (the caller's object is not changed)."""
+        return replace(self, meta={**self.meta, **updates})
+
+    def __repr__(self) -> str:
+        m = self.meta
+        return (
+            f"DirectionSet(criteria={self.criteria}, layers={len(self.layers)}, d_model={self.vectors.shape[-1]}, "
+            f"method={m.get('method')}, hook={m.get('hook')}, n={m.get('n_instructions')}, "
+            f"model={m.get('model', {}).get('model_id')}, suggested_layers={self.suggested_layers})"
+        )
+
+    # ---- compatibility --------------------------------------------------------------------
+    def check_compatible(self, model: LoadedModel) -> None:
+        """Refuse a model whose shape or config fingerprint differs from the one the vectors came from."""
+        mine = self.meta.get("model", {})
+        want = (mine.get("n_layers"), mine.get("d_model"), mine.get("fingerprint"))
+        have = (model.n_layers, model.d_model, model.info.fingerprint)
+        if want != have:
+            raise ValueError(
+                f"These directions were extracted from {mine.get('model_id')!r} (layers={want[0]}, "
+                f"d_model={want[1]}, fingerprint={want[2]}) but the model is {model.info.model_id!r} "
+                f"(layers={have[0]}, d_model={have[1]}, fingerprint={have[2]}). Extract directions for this "
+                "model with `icon2-lens extract --model ...` or load the matching model."
+            )
+
+    # ---- disk -------------------------------------------------------------------------------
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write ``directions.safetensors`` + ``directions.json`` into folder ``path`` (atomically).
+
+        Refuses an existing non-empty folder unless ``overwrite=True``.
+
+        Example:
+            >>> dirs.save("out/directions")  # doctest: +SKIP
+        """
+        tensors = {"vectors": self.vectors.contiguous().float()}
+        tensors.update({f"stats.{k}": v.contiguous().float() for k, v in self.stats.items()})
+        with atomic_folder(path, overwrite=overwrite) as tmp:
+            save_file(tensors, str(tmp / "directions.safetensors"), metadata={"format": _FORMAT})
+            meta = {"format": _FORMAT, "criterion_names": self.criteria, **self.meta}
+            (tmp / "directions.json").write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path, *, model: LoadedModel | None = None) -> "DirectionSet":
+        """Read a folder written by :meth:`save`; with ``model``, check it matches.
+
+        Example:
+            >>> dirs = il.DirectionSet.load("out/directions", model=model)  # doctest: +SKIP
+        """
+        path = Path(path)
+        jpath, tpath = path / "directions.json", path / "directions.safetensors"
+        if not jpath.is_file() or not tpath.is_file():
+            raise FileNotFoundError(
+                f"{path} is not a DirectionSet folder (needs directions.json and directions.safetensors); "
+                "create one with `icon2-lens extract --out FOLDER`."
+            )
+        meta = json.loads(jpath.read_text())
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{jpath} has format {meta.get('format')!r}; this version reads {_FORMAT!r}.")
+        tensors = load_file(str(tpath))
+        names = meta.pop("criterion_names")
+        meta.pop("format")
+        stats = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("stats.")}
+        out = cls(vectors=tensors["vectors"], criteria=list(names), stats=stats, meta=meta)
+        if model is not None:
+            out.check_compatible(model)
+        return out
+
+
+def _contrast_batches(
+    model: LoadedModel, criterion: Criterion, instructions: Sequence[str], pairs_per_batch: int
+) -> list[tuple[list[int], list[list[int]], list[list[int]]]]:
+    """Batches of (instruction indices, positive ids, negative ids), sorted by length."""
+    pos = tokenize_texts(model, stimulus_texts(model.tokenizer, criterion.positive, instructions))
+    neg = tokenize_texts(model, stimulus_texts(model.tokenizer, criterion.negative, instructions))
+    order = sorted(range(len(instructions)), key=lambda i: len(pos[i]) + len(neg[i]))
+    out = []
+    for s in range(0, len(order), pairs_per_batch):
+        idx = order[s:s + pairs_per_batch]
+        out.append((idx, [pos[i] for i in idx], [neg[i] for i in idx]))
+    return out
+
+
+def accumulate_contrasts(
+    model: LoadedModel,
+    criteria: Sequence[Criterion],
+    instructions: Sequence[str],
+    *,
+    hook: HookKind | str = "resid_post",
+    layers: Sequence[int] | range | None = None,
+    batch_size: int = 32,
+    groups: Sequence[int] | None = None,
+    progress: bool = True,
+) -> tuple[list[int], list[list[ContrastAccumulator]]]:
+    """Read all contrast pairs and accumulate them per group and criterion.
+
+    Args:
+        groups: group id of each instruction (default: all in group 0); used for split-half stability.
+        batch_size: prompts per forward pass (half positive, half negative).
+
+    Returns:
+        ``(layers, accumulators)`` with ``accumulators[group][criterion]``.
+
+    Example:
+        >>> layers, accs = accumulate_contrasts(model, DEFAULT_CRITERIA, ["Hi"] * 4)  # doctest: +SKIP
+    """
+    require_chat_template(model.tokenizer)
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be at least 2 (one positive and one negative prompt), got {batch_size}.")
+    group_of = list(groups) if groups is not None else [0] * len(instructions)
+    if len(group_of) != len(instructions):
+        raise ValueError("groups must give one group id per instruction.")
+    n_groups = max(group_of) + 1
+    reader = LastTokenReader(model, hook=hook, layers=layers)
+    accs = [[ContrastAccumulator(len(reader.layers), model.d_model) for _ in criteria] for _ in range(n_groups)]
+    plan = [(ci, b) for ci, c in enumerate(criteria) for b in _contrast_batches(model, c, instructions, max(1, batch_size // 2))]
+    total = 2 * len(criteria) * len(instructions)
+    with reader, tqdm(total=total, desc="extracting directions", unit="prompt", disable=not progress) as bar:
+        for ci, (idx, pos_ids, neg_ids) in plan:
+            h = reader.read(pos_ids + neg_ids)
+            hp, hn = h[: len(idx)], h[len(idx):]
+            gids = torch.tensor([group_of[i] for i in idx])
+            for g in range(n_groups):
+                sel = (gids == g).nonzero().flatten()
+                if len(sel):
+                    accs[g][ci].update(hp[sel], hn[sel])
+            bar.update(2 * len(idx))
+    return reader.layers, accs
+
+
+def extract_directions(
+    model: LoadedModel,
+    criteria: Sequence[Criterion | str] | Criterion | str | Path | None = None,
+    instructions: Sequence[str] | str | Path | Any = "default",
+    *,
+    method: Method = "pca",
+    hook: HookKind | str = "resid_post",
+    layers: Sequence[int] | range | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> DirectionSet:
+    """Extract one direction per criterion and layer from the model's own residual stream.
+
+    Each instruction is rendered after the criterion's positive and negative system prompt (chat
+    template, generation prompt), the last token's residual is read at every layer, and the
+    differences give the direction (see :data:`Method`).
+
+    Args:
+        model: from :func:`icon2_lens.load_model`.
+        criteria: criteria or names (default: :data:`icon2_lens.DEFAULT_CRITERIA`), or a YAML file.
+        instructions: the feature set: ``"default"`` (built-in, 320), a list, a TXT/JSONL file or a dataset.
+        method: ``"pca"`` (default), ``"mean_diff"`` or ``"pca_centered"``.
+        hook: residual hook kind (default ``resid_post``).
+        layers: layers to extract (default: all).
+        batch_size: prompts per forward pass.
+        progress: show a progress bar.
+
+    Returns:
+        A :class:`DirectionSet` with unit vectors ``[criterion, layer, d_model]``.
+
+    Example:
+        >>> import icon2_lens as il
+        >>> model = il.load_model()  # doctest: +SKIP
+        >>> dirs = il.extract_directions(model, il.DEFAULT_CRITERIA, "default")  # doctest: +SKIP
+    """
+    if method not in _METHODS:
+        raise ValueError(f"Unknown method {method!r}; use one of {list(_METHODS)}.")
+    crits = resolve_criteria(criteria)
+    instr = load_instructions(instructions)
+    layer_list, accs = accumulate_contrasts(
+        model, crits, instr, hook=hook, layers=layers, batch_size=batch_size, progress=progress
+    )
+    vecs, stats = _finish(accs[0], method)
+    meta = {
+        "criteria": [c.to_dict() for c in crits],
+        "layers": layer_list,
+        "hook": hook.split(".")[-1].removeprefix("hook_"),
+        "method": method,
+        "n_instructions": len(instr),
+        "instruction_hashes": sorted({instruction_hash(x) for x in instr}),
+        "model": model.info.to_dict(),
+        "versions": versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "suggested_layers": None,
+    }
+    return DirectionSet(vectors=vecs, criteria=[c.name for c in crits], stats=stats, meta=meta)
+
+
+def _finish(accs: Sequence[ContrastAccumulator], method: Method) -> tuple[Tensor, dict[str, Tensor]]:
+    per = [a.directions(method) for a in accs]
+    vecs = torch.stack([p[0] for p in per])
+    stats = {k: torch.stack([p[1][k] for p in per]) for k in STAT_NAMES}
+    return vecs, stats
+
+
+def cosine_per_layer(a: Float[Tensor, "layer d_model"], b: Float[Tensor, "layer d_model"]) -> Float[Tensor, " layer"]:
+    """Cosine similarity of two unit-vector stacks, layer by layer.
+
+    Example:
+        >>> v = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+        >>> bool(torch.allclose(cosine_per_layer(v, v), torch.ones(3)))
+        True
+    """
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1)

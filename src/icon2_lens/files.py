@@ -1,0 +1,75 @@
+"""Atomic file and folder writes: outputs are never left half-written."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+__all__ = ["atomic_write_text", "atomic_folder", "check_output_folder"]
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` through a temp file in the same folder and a rename.
+
+    Example:
+        >>> atomic_write_text("out/report.md", "# report")  # doctest: +SKIP
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def check_output_folder(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
+    """Refuse to write into an existing non-empty folder unless ``overwrite`` is set.
+
+    Example:
+        >>> check_output_folder("out/new", overwrite=False)  # doctest: +SKIP
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is a file; choose another output folder.")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"Output folder {path} already exists and is not empty; pass overwrite=True (CLI: --overwrite) "
+            "to replace it, or choose another folder."
+        )
+    return path
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp folder next to ``path``; on success it replaces ``path`` in one rename.
+
+    On error the temp folder is removed and ``path`` is left as it was.
+
+    Example:
+        >>> with atomic_folder("out/directions") as tmp:  # doctest: +SKIP
+        ...     (tmp / "x.json").write_text("{}")
+    """
+    path = check_output_folder(path, overwrite=overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / "x")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

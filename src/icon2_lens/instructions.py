@@ -1,0 +1,120 @@
+"""Instruction sets: the built-in feature set and loading user instructions.
+
+The built-in feature set (``"default"``) holds 320 varied instructions written for this
+project (writing, coding, maths, advice, facts, planning, everyday tasks, other), interleaved
+so that any contiguous slice is varied.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+__all__ = ["load_instructions", "builtin_instructions", "BUILTIN_SETS"]
+
+#: Names of the instruction sets shipped with the package.
+BUILTIN_SETS = ("default",)
+_FILES = {"default": "feature_instructions.txt"}
+
+
+def builtin_instructions(name: str = "default") -> list[str]:
+    """The instructions of a built-in set.
+
+    Example:
+        >>> len(builtin_instructions()) >= 256
+        True
+    """
+    if name not in _FILES:
+        raise ValueError(f"Unknown built-in instruction set {name!r}; available: {list(BUILTIN_SETS)}.")
+    text = resources.files("icon2_lens").joinpath("data", _FILES[name]).read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _from_jsonl(path: Path, column: str) -> list[str]:
+    out = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{i} is not valid JSON ({exc.msg}); each line must be one JSON object.") from exc
+        if isinstance(row, str):
+            out.append(row)
+        elif isinstance(row, dict) and column in row:
+            out.append(str(row[column]))
+        else:
+            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise ValueError(f"{path}:{i} has no {column!r} field (found {keys}); pass column=... to pick one.")
+    return out
+
+
+def load_instructions(
+    source: str | Path | Sequence[str] | Any = "default",
+    *,
+    column: str = "instruction",
+    limit: int | None = None,
+) -> list[str]:
+    """Load instructions from a built-in set, a list, a TXT/JSONL file, or a ``datasets.Dataset``.
+
+    Args:
+        source: ``"default"`` (built-in feature set), a list of strings, a ``.txt`` file (one per
+            line), a ``.jsonl`` file (objects with ``column``, or plain strings), a folder holding a
+            saved ``datasets`` dataset, or a ``datasets.Dataset``.
+        column: field to read from JSONL rows and datasets.
+        limit: keep only the first ``limit`` instructions.
+
+    Returns:
+        The instructions, stripped, in order. Raises ``ValueError`` if none remain.
+
+    Example:
+        >>> load_instructions(["Write a haiku.", "  Explain DNS. "])
+        ['Write a haiku.', 'Explain DNS.']
+    """
+    items: Iterable[Any]
+    where: str
+    if isinstance(source, str) and source in _FILES:
+        items, where = builtin_instructions(source), f"built-in set {source!r}"
+    elif isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        where = str(path)
+        if path.is_dir():
+            from datasets import load_from_disk
+
+            items = _dataset_column(load_from_disk(str(path)), column, where)
+        elif not path.is_file():
+            raise FileNotFoundError(
+                f"Instruction source {source!r} is neither a file, a dataset folder nor a built-in set "
+                f"({list(BUILTIN_SETS)}); pass a .txt or .jsonl file, a list, or a datasets.Dataset."
+            )
+        elif path.suffix == ".jsonl":
+            items = _from_jsonl(path, column)
+        elif path.suffix in (".txt", ""):
+            items = path.read_text(encoding="utf-8").splitlines()
+        else:
+            raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .txt (one per line) or .jsonl.")
+    elif hasattr(source, "column_names"):
+        where = "dataset"
+        items = _dataset_column(source, column, where)
+    else:
+        where = "list"
+        items = list(source)
+        bad = [type(x).__name__ for x in items if not isinstance(x, str)]
+        if bad:
+            raise TypeError(f"Instructions must be strings; got {sorted(set(bad))}.")
+    out = [str(x).strip() for x in items if str(x).strip()]
+    if limit is not None:
+        if limit <= 0:
+            raise ValueError(f"limit must be positive, got {limit}.")
+        out = out[:limit]
+    if not out:
+        raise ValueError(f"No instructions found in {where}; give at least one non-empty instruction.")
+    return out
+
+
+def _dataset_column(ds: Any, column: str, where: str) -> list[str]:
+    if column not in ds.column_names:
+        raise ValueError(f"{where} has no column {column!r} (columns: {ds.column_names}); pass column=... .")
+    return [str(x) for x in ds[column]]

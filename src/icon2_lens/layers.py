@@ -1,0 +1,384 @@
+"""Layer analysis: where does a criterion live, and which layers should be steered?
+
+Three separations per criterion and layer, each the share of pairs whose projection on the
+layer's direction orders the positive above the negative member (0.5 = chance):
+
+* **(a) held-out stimuli**: the extraction prompts on instructions not used for extraction. On a
+  small model this is ~1.0 everywhere: the system prompts differ in their tokens, so it tells
+  little.
+* **(b) paraphrased system prompts**: prompts written for this project that express the same
+  contrast in other words. Shows whether the direction is the concept or the extraction wording.
+* **(c) contrasting responses**: the same question answered well and badly (helpful vs unhelpful,
+  true vs false, safe vs unsafe), read with no system prompt at the response's last token.
+
+The suggested steering range is the contiguous window (a third of the layers by default) with the
+highest mean of (b) and (c) over criteria.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import yaml
+from jaxtyping import Float
+from torch import Tensor
+
+from .activations import read_last_token
+from .criteria import Criterion
+from .directions import DirectionSet, Method, _finish, accumulate_contrasts, cosine_per_layer, instruction_hash
+from .files import atomic_write_text
+from .instructions import builtin_instructions, load_instructions
+from .models import LoadedModel
+from .prompts import render_chat, require_chat_template
+
+__all__ = [
+    "LayerReport",
+    "layer_report",
+    "separation",
+    "suggest_layer_range",
+    "split_half_stability",
+    "builtin_paraphrases",
+    "builtin_response_pairs",
+]
+
+#: (question, positive answer, negative answer)
+ResponsePair = tuple[str, str, str]
+
+
+def builtin_paraphrases() -> dict[str, list[tuple[str, str]]]:
+    """Paraphrased (positive, negative) system prompts per default criterion, written for this project.
+
+    Example:
+        >>> len(builtin_paraphrases()["helpful"]) >= 4
+        True
+    """
+    data = yaml.safe_load(resources.files("icon2_lens").joinpath("data", "paraphrases.yaml").read_text("utf-8"))
+    return {k: [(p["positive"], p["negative"]) for p in v] for k, v in data.items()}
+
+
+def builtin_response_pairs() -> dict[str, list[ResponsePair]]:
+    """Contrasting (question, good answer, bad answer) triples per default criterion.
+
+    Example:
+        >>> q, good, bad = builtin_response_pairs()["honest"][0]
+    """
+    out: dict[str, list[ResponsePair]] = {}
+    text = resources.files("icon2_lens").joinpath("data", "response_pairs.jsonl").read_text("utf-8")
+    for line in text.splitlines():
+        if line.strip():
+            row = json.loads(line)
+            out.setdefault(row["criterion"], []).append((row["question"], row["positive"], row["negative"]))
+    return out
+
+
+def separation(
+    pos_proj: Float[Tensor, "n layer"], neg_proj: Float[Tensor, "n layer"]
+) -> Float[Tensor, " layer"]:
+    """Share of pairs whose positive member projects above its negative member, per layer.
+
+    Example:
+        >>> separation(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]))
+        tensor([1., 0.])
+    """
+    if pos_proj.shape != neg_proj.shape or pos_proj.ndim != 2 or pos_proj.shape[0] == 0:
+        raise ValueError(f"Expected two non-empty [n, layer] tensors of one shape, got {pos_proj.shape}, {neg_proj.shape}.")
+    return (pos_proj > neg_proj).float().mean(0)
+
+
+def suggest_layer_range(
+    score: Float[Tensor, " layer"], *, width: int | None = None, layers: Sequence[int] | None = None
+) -> list[int]:
+    """The contiguous window of ``width`` layers with the highest mean score (NaNs ignored).
+
+    ``width`` defaults to a third of the layers (the paper steers layers 10-20 of 32). Ties go to
+    the window closest to the middle.
+
+    Example:
+        >>> suggest_layer_range(torch.tensor([0.5, 0.9, 0.95, 0.6, 0.5, 0.5]), width=2)
+        [1, 2]
+    """
+    n = score.shape[0]
+    layer_ids = list(layers) if layers is not None else list(range(n))
+    w = max(1, round(n / 3)) if width is None else width
+    if not 1 <= w <= n:
+        raise ValueError(f"width must be between 1 and {n}, got {w}.")
+    s = torch.nan_to_num(score.double(), nan=0.0)
+    means = torch.stack([s[i:i + w].mean() for i in range(n - w + 1)])
+    best = means.max()
+    cands = [i for i in range(n - w + 1) if means[i] >= best - 1e-12]
+    mid = (n - w) / 2
+    start = min(cands, key=lambda i: abs(i - mid))
+    return layer_ids[start:start + w]
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """Per-criterion, per-layer separations and the suggested steering range.
+
+    Attributes:
+        criteria: criterion names (rows).
+        layers: model layers (columns).
+        heldout: (a) ``[criterion, layer]``.
+        paraphrase: (b) ``[criterion, layer]`` (NaN for criteria without paraphrases).
+        response: (c) ``[criterion, layer]`` (NaN for criteria without response pairs).
+        suggested_layers: the suggested steering range.
+        counts: number of pairs behind each separation, per criterion.
+        stability: optional split-half cosine ``[criterion, layer]``.
+
+    Example:
+        >>> report = il.layer_report(model, dirs)  # doctest: +SKIP
+        >>> print(report.table())  # doctest: +SKIP
+    """
+
+    criteria: list[str]
+    layers: list[int]
+    heldout: Float[Tensor, "criterion layer"]
+    paraphrase: Float[Tensor, "criterion layer"]
+    response: Float[Tensor, "criterion layer"]
+    suggested_layers: list[int]
+    counts: dict[str, dict[str, int]]
+    stability: Float[Tensor, "criterion layer"] | None = field(default=None)
+
+    def _panels(self) -> list[tuple[str, Tensor]]:
+        panels = [
+            ("(a) held-out stimuli", self.heldout),
+            ("(b) paraphrased prompts", self.paraphrase),
+            ("(c) response pairs", self.response),
+        ]
+        if self.stability is not None:
+            panels.append(("split-half cosine", self.stability))
+        return panels
+
+    def table(self) -> str:
+        """A Markdown table: one row per layer, one column per criterion and measure."""
+        short = ["a", "b", "c"] + (["stab"] if self.stability is not None else [])
+        panels = self._panels()
+        head = ["layer"] + [f"{c} {s}" for c in self.criteria for s in short]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for j, layer in enumerate(self.layers):
+            mark = "*" if layer in self.suggested_layers else ""
+            cells = [f"{layer}{mark}"]
+            for ci in range(len(self.criteria)):
+                cells += [_fmt(p[1][ci, j].item()) for p in panels]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append(f"\\* suggested steering layers: {_range_str(self.suggested_layers)}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of everything in the report."""
+        d: dict[str, Any] = {
+            "criteria": self.criteria,
+            "layers": self.layers,
+            "suggested_layers": self.suggested_layers,
+            "counts": self.counts,
+            "heldout": self.heldout.tolist(),
+            "paraphrase": _nan_to_none(self.paraphrase),
+            "response": _nan_to_none(self.response),
+        }
+        if self.stability is not None:
+            d["stability"] = self.stability.tolist()
+        return d
+
+    def plot(self, path: str | Path) -> Path:
+        """Write a PNG: one panel per measure, one line per criterion, suggested range shaded."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        panels = self._panels()
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), sharex=True)
+        lo, hi = min(self.suggested_layers), max(self.suggested_layers)
+        for ax, (title, data) in zip(axes, panels):
+            ax.axvspan(lo - 0.5, hi + 0.5, color="0.9", zorder=0, label="suggested")
+            for ci, c in enumerate(self.criteria):
+                ax.plot(self.layers, data[ci].numpy(), marker=".", label=c)
+            ax.set_title(title)
+            ax.set_xlabel("layer")
+            if "cosine" not in title:
+                ax.axhline(0.5, color="0.5", lw=0.8, ls="--")
+                ax.set_ylim(-0.02, 1.02)
+        axes[0].set_ylabel("separation (share of pairs ordered right)")
+        axes[-1].legend(fontsize=8, loc="lower right")
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        tmp.replace(path)
+        return path
+
+    def save(self, folder: str | Path) -> dict[str, Path]:
+        """Write ``layer_report.json``, ``layer_report.md`` and ``layer_report.png`` into ``folder``."""
+        folder = Path(folder)
+        out = {
+            "json": atomic_write_text(folder / "layer_report.json", json.dumps(self.to_dict(), indent=2) + "\n"),
+            "md": atomic_write_text(folder / "layer_report.md", "# Layer report\n\n" + self.table() + "\n"),
+            "png": self.plot(folder / "layer_report.png"),
+        }
+        return out
+
+    def apply(self, directions: DirectionSet) -> DirectionSet:
+        """A copy of ``directions`` with the suggested range recorded in its metadata."""
+        return directions.with_meta(suggested_layers=self.suggested_layers, layer_report=self.to_dict())
+
+
+def _fmt(x: float) -> str:
+    return "-" if x != x else f"{x:.2f}"
+
+
+def _nan_to_none(t: Tensor) -> list[list[float | None]]:
+    return [[None if v != v else v for v in row] for row in t.tolist()]
+
+
+def _range_str(layers: Sequence[int]) -> str:
+    return f"{min(layers)}-{max(layers)}" if list(layers) == list(range(min(layers), max(layers) + 1)) else str(list(layers))
+
+
+def _project(h: Float[Tensor, "n layer d_model"], u: Float[Tensor, "layer d_model"]) -> Float[Tensor, "n layer"]:
+    return (h * u.unsqueeze(0)).sum(-1)
+
+
+def _default_heldout(directions: DirectionSet, n: int) -> list[str]:
+    used = set(directions.meta.get("instruction_hashes", []))
+    pool = [x for x in builtin_instructions() if instruction_hash(x) not in used]
+    if not pool:
+        raise ValueError(
+            "Every built-in feature instruction was used for extraction, so none is held out; "
+            "pass heldout=[...] (CLI: --heldout FILE) with instructions not used for extraction."
+        )
+    return pool[:n]
+
+
+def layer_report(
+    model: LoadedModel,
+    directions: DirectionSet,
+    *,
+    heldout: Sequence[str] | str | Path | None = None,
+    n_heldout: int = 64,
+    paraphrases: Mapping[str, Sequence[tuple[str, str]]] | None = None,
+    n_paraphrase_instructions: int = 16,
+    response_pairs: Mapping[str, Sequence[ResponsePair]] | None = None,
+    width: int | None = None,
+    batch_size: int = 32,
+    stability: Float[Tensor, "criterion layer"] | None = None,
+    progress: bool = True,
+) -> LayerReport:
+    """Measure separations (a), (b), (c) per criterion and layer and suggest a steering range.
+
+    Args:
+        model: the model the directions were extracted from (checked).
+        directions: a :class:`~icon2_lens.DirectionSet`.
+        heldout: instructions not used for extraction (default: built-in feature instructions whose
+            hash is not recorded in the directions, first ``n_heldout``).
+        paraphrases: ``{criterion: [(positive, negative), ...]}`` (default: the built-in set).
+        n_paraphrase_instructions: held-out instructions read under each paraphrase pair.
+        response_pairs: ``{criterion: [(question, good, bad), ...]}`` (default: the built-in set).
+        width: size of the suggested window (default: a third of the layers).
+        stability: optional split-half cosines from :func:`split_half_stability`, kept in the report.
+
+    Example:
+        >>> report = il.layer_report(model, dirs)  # doctest: +SKIP
+        >>> dirs = report.apply(dirs)  # records report.suggested_layers  # doctest: +SKIP
+    """
+    directions.check_compatible(model)
+    require_chat_template(model.tokenizer)
+    held = load_instructions(heldout) if heldout is not None else _default_heldout(directions, n_heldout)
+    para = builtin_paraphrases() if paraphrases is None else dict(paraphrases)
+    resp = builtin_response_pairs() if response_pairs is None else dict(response_pairs)
+    crits: list[Criterion] = directions.criterion_defs
+    tok = model.tokenizer
+
+    # Every text of (a), (b), (c) goes into one batched read; `spans` remembers where each sits.
+    texts: list[str] = []
+    spans: dict[tuple[str, str], tuple[int, int, int]] = {}  # (measure, criterion) -> (pos_start, neg_start, n)
+
+    def add(key: tuple[str, str], pos: list[str], neg: list[str]) -> None:
+        spans[key] = (len(texts), len(texts) + len(pos), len(pos))
+        texts.extend(pos)
+        texts.extend(neg)
+
+    para_instr = held[:n_paraphrase_instructions]
+    for c in crits:
+        add(("a", c.name), [render_chat(tok, d, system=c.positive) for d in held],
+            [render_chat(tok, d, system=c.negative) for d in held])
+        if para.get(c.name):
+            add(("b", c.name),
+                [render_chat(tok, d, system=p) for p, _ in para[c.name] for d in para_instr],
+                [render_chat(tok, d, system=n) for _, n in para[c.name] for d in para_instr])
+        if resp.get(c.name):
+            add(("c", c.name), [render_chat(tok, q, assistant=g) for q, g, _ in resp[c.name]],
+                [render_chat(tok, q, assistant=b) for q, _, b in resp[c.name]])
+
+    h = read_last_token(model, texts, hook=directions.hook, layers=directions.layers,
+                        batch_size=batch_size, progress=progress, desc="layer report")
+    n_c, n_l = len(crits), len(directions.layers)
+    result = {m: torch.full((n_c, n_l), float("nan")) for m in "abc"}
+    counts: dict[str, dict[str, int]] = {}
+    for (m, name), (ps, ns, n) in spans.items():
+        ci = directions.index(name)
+        u = directions.vectors[ci]
+        result[m][ci] = separation(_project(h[ps:ps + n], u), _project(h[ns:ns + n], u))
+        counts.setdefault(name, {})[m] = n
+    score = torch.stack([result["b"], result["c"]]).nanmean(0).nanmean(0)  # [layer]
+    if torch.isnan(score).all():  # custom criteria only: fall back to (a)
+        score = result["a"].mean(0)
+    suggested = suggest_layer_range(score, width=width, layers=directions.layers)
+    return LayerReport(
+        criteria=list(directions.criteria), layers=directions.layers, heldout=result["a"],
+        paraphrase=result["b"], response=result["c"], suggested_layers=suggested, counts=counts,
+        stability=stability,
+    )
+
+
+def split_half_stability(
+    model: LoadedModel,
+    criteria: Sequence[Criterion | str] | DirectionSet | None,
+    instructions: Sequence[str] | str | Path | Any = "default",
+    *,
+    method: Method = "pca",
+    hook: str = "resid_post",
+    layers: Sequence[int] | range | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+) -> Float[Tensor, "criterion layer"]:
+    """Cosine between directions extracted from two disjoint random halves of the instructions.
+
+    One pass over the model: each instruction's contrast pair goes to the accumulator of its half.
+
+    Example:
+        >>> stab = il.split_half_stability(model, dirs, "default")  # doctest: +SKIP
+        >>> stab.shape  # doctest: +SKIP
+        torch.Size([4, 30])
+    """
+    if isinstance(criteria, DirectionSet):
+        crit_list: Sequence[Criterion | str] = criteria.criterion_defs
+        method = criteria.meta["method"]
+        hook = criteria.hook
+        layers = criteria.layers
+    else:
+        crit_list = criteria if criteria is not None else []
+    from .criteria import resolve_criteria
+
+    crits = resolve_criteria(crit_list or None)
+    instr = load_instructions(instructions)
+    if len(instr) < 4:
+        raise ValueError(f"Split-half stability needs at least 4 instructions, got {len(instr)}.")
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(instr), generator=gen).tolist()
+    groups = [0] * len(instr)
+    for rank, i in enumerate(perm):
+        groups[i] = 0 if rank < len(instr) // 2 else 1
+    _, accs = accumulate_contrasts(model, crits, instr, hook=hook, layers=layers, batch_size=batch_size,
+                                   groups=groups, progress=progress)
+    va, _ = _finish(accs[0], method)
+    vb, _ = _finish(accs[1], method)
+    return torch.stack([cosine_per_layer(va[c], vb[c]) for c in range(len(crits))])
