@@ -23,6 +23,7 @@ __all__ = ["HookKind", "LastTokenReader", "hook_names", "read_last_token", "toke
 
 #: Residual-stream hook points (TransformerLens names, ``blocks.{l}.hook_<kind>``).
 HookKind = Literal["resid_pre", "resid_mid", "resid_post"]
+_RESID_KINDS = ("resid_pre", "resid_mid", "resid_post")
 _HOOK_RE = re.compile(r"^(?:blocks\.\{layer\}\.)?(?:hook_)?(?P<kind>[A-Za-z_]+)$")
 
 
@@ -65,15 +66,10 @@ def hook_names(model: LoadedModel, hook: str, layers: Sequence[int]) -> list[str
         ['blocks.0.hook_resid_post', 'blocks.1.hook_resid_post']
     """
     m = _HOOK_RE.match(hook)
-    valid = sorted(
-        k.split(".", 2)[2][len("hook_"):]
-        for k in model.bridge.hook_dict
-        if k.startswith("blocks.0.hook_") and k.count(".") == 2
-    )
-    if m is None or m.group("kind") not in valid:
+    if m is None or m.group("kind") not in _RESID_KINDS:
         raise ValueError(
             f"Unknown hook {hook!r}. Use a residual-stream hook: 'resid_pre', 'resid_mid' or 'resid_post' "
-            f"(block-level hooks this model has: {valid})."
+            "(also accepted as 'hook_resid_post' or 'blocks.{layer}.hook_resid_post')."
         )
     names = [f"blocks.{layer}.hook_{m.group('kind')}" for layer in layers]
     missing = [n for n in names if n not in model.bridge.hook_dict]

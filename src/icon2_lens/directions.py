@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .activations import HookKind, LastTokenReader, tokenize_texts
 from .criteria import Criterion, resolve_criteria
-from .files import atomic_folder
+from .files import atomic_folder, atomic_write_text
 from .instructions import load_instructions
 from .models import LoadedModel
 from .prompts import require_chat_template, stimulus_texts
@@ -305,9 +305,24 @@ class DirectionSet:
         tensors.update({f"stats.{k}": v.contiguous().float() for k, v in self.stats.items()})
         with atomic_folder(path, overwrite=overwrite) as tmp:
             save_file(tensors, str(tmp / "directions.safetensors"), metadata={"format": _FORMAT})
-            meta = {"format": _FORMAT, "criterion_names": self.criteria, **self.meta}
-            (tmp / "directions.json").write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+            (tmp / "directions.json").write_text(self._meta_json())
         return Path(path)
+
+    def _meta_json(self) -> str:
+        return json.dumps({"format": _FORMAT, "criterion_names": self.criteria, **self.meta}, indent=2) + "\n"
+
+    def update_meta_on_disk(self, path: str | Path) -> Path:
+        """Rewrite only ``directions.json`` of the saved folder ``path`` (atomically).
+
+        For metadata-only changes (e.g. :meth:`LayerReport.apply`); the saved tensors must be these.
+
+        Example:
+            >>> report.apply(dirs).update_meta_on_disk("out/directions")  # doctest: +SKIP
+        """
+        on_disk = DirectionSet.load(path)
+        if on_disk.criteria != self.criteria or not torch.equal(on_disk.vectors, self.vectors.float()):
+            raise ValueError(f"{path} holds other vectors than this DirectionSet; use save(path, overwrite=True).")
+        return atomic_write_text(Path(path) / "directions.json", self._meta_json())
 
     @classmethod
     def load(cls, path: str | Path, *, model: LoadedModel | None = None) -> "DirectionSet":
