@@ -38,6 +38,8 @@ __all__ = [
     "DirectionSet",
     "directions_from_activations",
     "extract_directions",
+    "finish_directions",
+    "accumulate_contrasts",
     "instruction_hash",
     "versions",
 ]
@@ -454,7 +456,7 @@ def extract_directions(
     layer_list, accs = accumulate_contrasts(
         model, crits, instr, hook=hook, layers=layers, batch_size=batch_size, progress=progress
     )
-    vecs, stats = _finish(accs[0], method)
+    vecs, stats = finish_directions(accs[0], method)
     meta = {
         "criteria": [c.to_dict() for c in crits],
         "layers": layer_list,
@@ -470,7 +472,14 @@ def extract_directions(
     return DirectionSet(vectors=vecs, criteria=[c.name for c in crits], stats=stats, meta=meta)
 
 
-def _finish(accs: Sequence[ContrastAccumulator], method: Method) -> tuple[Tensor, dict[str, Tensor]]:
+def finish_directions(
+    accs: Sequence[ContrastAccumulator], method: Method
+) -> tuple[Float[Tensor, "criterion layer d_model"], dict[str, Float[Tensor, "criterion layer"]]]:
+    """Stack the directions and statistics of one accumulator per criterion.
+
+    Example:
+        >>> vecs, stats = finish_directions(accs[0], "pca")  # doctest: +SKIP
+    """
     per = [a.directions(method) for a in accs]
     vecs = torch.stack([p[0] for p in per])
     stats = {k: torch.stack([p[1][k] for p in per]) for k in STAT_NAMES}

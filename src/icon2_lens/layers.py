@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .activations import read_last_token
 from .criteria import Criterion
-from .directions import DirectionSet, Method, _finish, accumulate_contrasts, cosine_per_layer, instruction_hash
+from .directions import DirectionSet, Method, finish_directions, accumulate_contrasts, cosine_per_layer, instruction_hash
 from .files import atomic_write_text
 from .instructions import builtin_instructions, load_instructions
 from .models import LoadedModel
@@ -379,6 +379,6 @@ def split_half_stability(
         groups[i] = 0 if rank < len(instr) // 2 else 1
     _, accs = accumulate_contrasts(model, crits, instr, hook=hook, layers=layers, batch_size=batch_size,
                                    groups=groups, progress=progress)
-    va, _ = _finish(accs[0], method)
-    vb, _ = _finish(accs[1], method)
+    va, _ = finish_directions(accs[0], method)
+    vb, _ = finish_directions(accs[1], method)
     return torch.stack([cosine_per_layer(va[c], vb[c]) for c in range(len(crits))])
