@@ -34,7 +34,7 @@ class _StopForward(Exception):
 def resolve_layers(model: LoadedModel, layers: Sequence[int] | range | None) -> list[int]:
     """Validate a layer selection (``None`` = all layers); negative indices count from the end.
 
-    Example:
+    Examples:
         >>> resolve_layers(model, [-1])  # doctest: +SKIP
         [29]
     """
@@ -61,7 +61,7 @@ def hook_names(model: LoadedModel, hook: str, layers: Sequence[int]) -> list[str
 
     ``hook`` may be ``"resid_post"``, ``"hook_resid_post"`` or ``"blocks.{layer}.hook_resid_post"``.
 
-    Example:
+    Examples:
         >>> hook_names(model, "resid_post", [0, 1])  # doctest: +SKIP
         ['blocks.0.hook_resid_post', 'blocks.1.hook_resid_post']
     """
@@ -81,7 +81,7 @@ def hook_names(model: LoadedModel, hook: str, layers: Sequence[int]) -> list[str
 def tokenize_texts(model: LoadedModel, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each text, without added special tokens (chat text carries its own BOS).
 
-    Example:
+    Examples:
         >>> tokenize_texts(model, ["<|im_start|>user\\nHi"])  # doctest: +SKIP
     """
     enc = model.tokenizer(list(texts), add_special_tokens=False)
@@ -103,9 +103,9 @@ class LastTokenReader:
     """Reads the last-token residual at fixed hook points, one batch at a time.
 
     Use as a context manager: hooks are added on entry and always removed on exit (also on
-    error). Inside, :meth:`read` takes token-id lists and returns ``[batch, layer, d_model]``.
+    error). Inside, `read` takes token-id lists and returns ``[batch, layer, d_model]``.
 
-    Example:
+    Examples:
         >>> with LastTokenReader(model, hook="resid_post") as reader:  # doctest: +SKIP
         ...     h = reader.read(tokenize_texts(model, texts))
     """
@@ -174,8 +174,8 @@ def read_last_token(
     """The residual stream at the last token of each text, at every selected layer.
 
     Args:
-        model: a :class:`~icon2_lens.models.LoadedModel`.
-        texts: fully rendered prompts (e.g. from :func:`icon2_lens.prompts.render_chat`).
+        model: a `icon2_lens.models.LoadedModel`.
+        texts: fully rendered prompts (e.g. from `icon2_lens.prompts.render_chat`).
         hook: residual hook kind (``resid_post`` = output of block ``l``).
         layers: layer indices (default: all).
         batch_size: prompts per forward pass.
@@ -186,7 +186,7 @@ def read_last_token(
         float32 CPU tensor ``[n, layer, d_model]``, in the order of ``texts``; identical to reading
         each text alone.
 
-    Example:
+    Examples:
         >>> h = read_last_token(model, [render_chat(model.tokenizer, "Hi")])  # doctest: +SKIP
         >>> h.shape  # doctest: +SKIP
         torch.Size([1, 30, 576])

@@ -1,7 +1,7 @@
 """Criteria: a named pair of opposing system prompts.
 
-A :class:`Criterion` is what a direction vector is extracted for. The shipped set
-:data:`DEFAULT_CRITERIA` follows the Icon2 paper (general, helpful, honest,
+A `Criterion` is what a direction vector is extracted for. The shipped set
+`DEFAULT_CRITERIA` follows the Icon2 paper (general, helpful, honest,
 harmless); users add their own in code or from a YAML file.
 """
 
@@ -28,7 +28,7 @@ class Criterion:
         positive: system prompt for the desired behaviour (P+).
         negative: system prompt for its opposite (P-).
 
-    Example:
+    Examples:
         >>> Criterion("concise", "You are a concise assistant.", "You are a verbose assistant.").name
         'concise'
     """
@@ -108,7 +108,7 @@ def load_criteria(path: str | Path) -> list[Criterion]:
     The file holds either a list of ``{name, positive, negative}`` mappings (optionally under a
     top-level ``criteria:`` key) or a mapping ``name: {positive, negative}``.
 
-    Example:
+    Examples:
         >>> # criteria.yaml:  - {name: concise, positive: "Be brief.", negative: "Be long-winded."}
         >>> crits = load_criteria("criteria.yaml")  # doctest: +SKIP
     """
@@ -136,10 +136,10 @@ def resolve_criteria(
 ) -> list[Criterion]:
     """Turn what a user passed into a list of criteria.
 
-    Accepts ``None`` (the defaults), a :class:`Criterion`, a path to a YAML file, or an iterable of
+    Accepts ``None`` (the defaults), a `Criterion`, a path to a YAML file, or an iterable of
     criteria and names of default criteria (``"helpful"``).
 
-    Example:
+    Examples:
         >>> [c.name for c in resolve_criteria(["helpful", "honest"])]
         ['helpful', 'honest']
     """

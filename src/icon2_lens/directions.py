@@ -54,7 +54,7 @@ STAT_NAMES = ("resid_norm", "diff_norm", "explained_variance", "proj_mean", "pro
 def instruction_hash(text: str) -> str:
     """Short stable hash of an instruction (12 hex digits), used to record which were used.
 
-    Example:
+    Examples:
         >>> len(instruction_hash("Write a haiku."))
         12
     """
@@ -64,7 +64,7 @@ def instruction_hash(text: str) -> str:
 def versions() -> dict[str, str]:
     """Versions of the libraries that shape the numbers (recorded in metadata).
 
-    Example:
+    Examples:
         >>> "torch" in versions()
         True
     """
@@ -87,7 +87,7 @@ class ContrastAccumulator:
     shifted second moment of the pooled activations ``{h+, h-}``, and norm sums. Memory is
     ``2 x layer x d_model^2`` floats, independent of the number of pairs.
 
-    Example:
+    Examples:
         >>> acc = ContrastAccumulator(n_layers=2, d_model=4)
         >>> acc.update(torch.randn(8, 2, 4) + 1, torch.randn(8, 2, 4))
         >>> acc.n
@@ -136,7 +136,7 @@ class ContrastAccumulator:
         self.n += pos.shape[0]
 
     def directions(self, method: Method = "pca") -> tuple[Float[Tensor, "layer d_model"], dict[str, Float[Tensor, " layer"]]]:
-        """Unit direction per layer and its statistics (see :data:`STAT_NAMES`)."""
+        """Unit direction per layer and its statistics (see `STAT_NAMES`)."""
         if method not in _METHODS:
             raise ValueError(f"Unknown method {method!r}; use one of {list(_METHODS)}.")
         if self.n == 0:
@@ -190,7 +190,7 @@ def directions_from_activations(
 ) -> tuple[Float[Tensor, "layer d_model"], dict[str, Float[Tensor, " layer"]]]:
     """Directions and statistics from paired activations held in memory (pure tensor math).
 
-    Example:
+    Examples:
         >>> u, stats = directions_from_activations(torch.randn(16, 3, 8) + 2, torch.randn(16, 3, 8))
         >>> u.shape, sorted(stats)[:2]
         (torch.Size([3, 8]), ['diff_norm', 'explained_variance'])
@@ -214,7 +214,7 @@ class DirectionSet:
         meta: criteria prompts, layers, hook, method, counts, model id and fingerprint, versions,
             and ``suggested_layers`` once a layer report has run.
 
-    Example:
+    Examples:
         >>> dirs = il.extract_directions(model, il.DEFAULT_CRITERIA, "default")  # doctest: +SKIP
         >>> dirs.vector("helpful").shape  # doctest: +SKIP
         torch.Size([30, 576])
@@ -258,7 +258,7 @@ class DirectionSet:
         return self.vectors[self.index(criterion)]
 
     def stat(self, name: str, criterion: str) -> Float[Tensor, " layer"]:
-        """One per-layer statistic of one criterion (see :attr:`stats`)."""
+        """One per-layer statistic of one criterion (see `stats`)."""
         if name not in self.stats:
             raise KeyError(f"Unknown statistic {name!r}; available: {sorted(self.stats)}.")
         return self.stats[name][self.index(criterion)]
@@ -300,7 +300,7 @@ class DirectionSet:
 
         Refuses an existing non-empty folder unless ``overwrite=True``.
 
-        Example:
+        Examples:
             >>> dirs.save("out/directions")  # doctest: +SKIP
         """
         tensors = {"vectors": self.vectors.contiguous().float()}
@@ -316,9 +316,9 @@ class DirectionSet:
     def update_meta_on_disk(self, path: str | Path) -> Path:
         """Rewrite only ``directions.json`` of the saved folder ``path`` (atomically).
 
-        For metadata-only changes (e.g. :meth:`LayerReport.apply`); the saved tensors must be these.
+        For metadata-only changes (e.g. `LayerReport.apply`); the saved tensors must be these.
 
-        Example:
+        Examples:
             >>> report.apply(dirs).update_meta_on_disk("out/directions")  # doctest: +SKIP
         """
         on_disk = DirectionSet.load(path)
@@ -328,9 +328,9 @@ class DirectionSet:
 
     @classmethod
     def load(cls, path: str | Path, *, model: LoadedModel | None = None) -> "DirectionSet":
-        """Read a folder written by :meth:`save`; with ``model``, check it matches.
+        """Read a folder written by `save`; with ``model``, check it matches.
 
-        Example:
+        Examples:
             >>> dirs = il.DirectionSet.load("out/directions", model=model)  # doctest: +SKIP
         """
         path = Path(path)
@@ -387,7 +387,7 @@ def accumulate_contrasts(
     Returns:
         ``(layers, accumulators)`` with ``accumulators[group][criterion]``.
 
-    Example:
+    Examples:
         >>> layers, accs = accumulate_contrasts(model, DEFAULT_CRITERIA, ["Hi"] * 4)  # doctest: +SKIP
     """
     require_chat_template(model.tokenizer)
@@ -429,11 +429,11 @@ def extract_directions(
 
     Each instruction is rendered after the criterion's positive and negative system prompt (chat
     template, generation prompt), the last token's residual is read at every layer, and the
-    differences give the direction (see :data:`Method`).
+    differences give the direction (see `Method`).
 
     Args:
-        model: from :func:`icon2_lens.load_model`.
-        criteria: criteria or names (default: :data:`icon2_lens.DEFAULT_CRITERIA`), or a YAML file.
+        model: from `icon2_lens.load_model`.
+        criteria: criteria or names (default: `icon2_lens.DEFAULT_CRITERIA`), or a YAML file.
         instructions: the feature set: ``"default"`` (built-in, 320), a list, a TXT/JSONL file or a dataset.
         method: ``"pca"`` (default), ``"mean_diff"`` or ``"pca_centered"``.
         hook: residual hook kind (default ``resid_post``).
@@ -442,9 +442,9 @@ def extract_directions(
         progress: show a progress bar.
 
     Returns:
-        A :class:`DirectionSet` with unit vectors ``[criterion, layer, d_model]``.
+        A `DirectionSet` with unit vectors ``[criterion, layer, d_model]``.
 
-    Example:
+    Examples:
         >>> import icon2_lens as il
         >>> model = il.load_model()  # doctest: +SKIP
         >>> dirs = il.extract_directions(model, il.DEFAULT_CRITERIA, "default")  # doctest: +SKIP
@@ -477,7 +477,7 @@ def finish_directions(
 ) -> tuple[Float[Tensor, "criterion layer d_model"], dict[str, Float[Tensor, "criterion layer"]]]:
     """Stack the directions and statistics of one accumulator per criterion.
 
-    Example:
+    Examples:
         >>> vecs, stats = finish_directions(accs[0], "pca")  # doctest: +SKIP
     """
     per = [a.directions(method) for a in accs]
@@ -489,7 +489,7 @@ def finish_directions(
 def cosine_per_layer(a: Float[Tensor, "layer d_model"], b: Float[Tensor, "layer d_model"]) -> Float[Tensor, " layer"]:
     """Cosine similarity of two unit-vector stacks, layer by layer.
 
-    Example:
+    Examples:
         >>> v = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
         >>> bool(torch.allclose(cosine_per_layer(v, v), torch.ones(3)))
         True

@@ -15,7 +15,7 @@ __all__ = ["atomic_write_text", "atomic_folder", "check_output_folder"]
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` to ``path`` through a temp file in the same folder and a rename.
 
-    Example:
+    Examples:
         >>> atomic_write_text("out/report.md", "# report")  # doctest: +SKIP
     """
     path = Path(path)
@@ -34,7 +34,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 def check_output_folder(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
     """Refuse to write into an existing non-empty folder unless ``overwrite`` is set.
 
-    Example:
+    Examples:
         >>> check_output_folder("out/new", overwrite=False)  # doctest: +SKIP
     """
     path = Path(path)
@@ -54,7 +54,7 @@ def atomic_folder(path: str | os.PathLike[str], *, overwrite: bool = False) -> I
 
     On error the temp folder is removed and ``path`` is left as it was.
 
-    Example:
+    Examples:
         >>> with atomic_folder("out/directions") as tmp:  # doctest: +SKIP
         ...     (tmp / "x.json").write_text("{}")
     """

@@ -22,7 +22,7 @@ _FILES = {"default": "feature_instructions.txt"}
 def builtin_instructions(name: str = "default") -> list[str]:
     """The instructions of a built-in set.
 
-    Example:
+    Examples:
         >>> len(builtin_instructions()) >= 256
         True
     """
@@ -69,7 +69,7 @@ def load_instructions(
     Returns:
         The instructions, stripped, in order. Raises ``ValueError`` if none remain.
 
-    Example:
+    Examples:
         >>> load_instructions(["Write a haiku.", "  Explain DNS. "])
         ['Write a haiku.', 'Explain DNS.']
     """

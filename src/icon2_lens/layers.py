@@ -53,7 +53,7 @@ ResponsePair = tuple[str, str, str]
 def builtin_paraphrases() -> dict[str, list[tuple[str, str]]]:
     """Paraphrased (positive, negative) system prompts per default criterion, written for this project.
 
-    Example:
+    Examples:
         >>> len(builtin_paraphrases()["helpful"]) >= 4
         True
     """
@@ -64,7 +64,7 @@ def builtin_paraphrases() -> dict[str, list[tuple[str, str]]]:
 def builtin_response_pairs() -> dict[str, list[ResponsePair]]:
     """Contrasting (question, good answer, bad answer) triples per default criterion.
 
-    Example:
+    Examples:
         >>> q, good, bad = builtin_response_pairs()["honest"][0]
     """
     out: dict[str, list[ResponsePair]] = {}
@@ -81,7 +81,7 @@ def separation(
 ) -> Float[Tensor, " layer"]:
     """Share of pairs whose positive member projects above its negative member, per layer.
 
-    Example:
+    Examples:
         >>> separation(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]))
         tensor([1., 0.])
     """
@@ -98,7 +98,7 @@ def suggest_layer_range(
     ``width`` defaults to a third of the layers (the paper steers layers 10-20 of 32). Ties go to
     the window closest to the middle.
 
-    Example:
+    Examples:
         >>> suggest_layer_range(torch.tensor([0.5, 0.9, 0.95, 0.6, 0.5, 0.5]), width=2)
         [1, 2]
     """
@@ -130,7 +130,7 @@ class LayerReport:
         counts: number of pairs behind each separation, per criterion.
         stability: optional split-half cosine ``[criterion, layer]``.
 
-    Example:
+    Examples:
         >>> report = il.layer_report(model, dirs)  # doctest: +SKIP
         >>> print(report.table())  # doctest: +SKIP
     """
@@ -275,16 +275,16 @@ def layer_report(
 
     Args:
         model: the model the directions were extracted from (checked).
-        directions: a :class:`~icon2_lens.DirectionSet`.
+        directions: a `icon2_lens.DirectionSet`.
         heldout: instructions not used for extraction (default: built-in feature instructions whose
             hash is not recorded in the directions, first ``n_heldout``).
         paraphrases: ``{criterion: [(positive, negative), ...]}`` (default: the built-in set).
         n_paraphrase_instructions: held-out instructions read under each paraphrase pair.
         response_pairs: ``{criterion: [(question, good, bad), ...]}`` (default: the built-in set).
         width: size of the suggested window (default: a third of the layers).
-        stability: optional split-half cosines from :func:`split_half_stability`, kept in the report.
+        stability: optional split-half cosines from `split_half_stability`, kept in the report.
 
-    Example:
+    Examples:
         >>> report = il.layer_report(model, dirs)  # doctest: +SKIP
         >>> dirs = report.apply(dirs)  # records report.suggested_layers  # doctest: +SKIP
     """
@@ -354,7 +354,7 @@ def split_half_stability(
 
     One pass over the model: each instruction's contrast pair goes to the accumulator of its half.
 
-    Example:
+    Examples:
         >>> stab = il.split_half_stability(model, dirs, "default")  # doctest: +SKIP
         >>> stab.shape  # doctest: +SKIP
         torch.Size([4, 30])

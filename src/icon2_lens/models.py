@@ -51,7 +51,7 @@ def cache_dir() -> Path:
 
     ``$ICON2_LENS_CACHE`` if set, else ``$XDG_CACHE_HOME/icon2_lens`` (``~/.cache/icon2_lens``).
 
-    Example:
+    Examples:
         >>> cache_dir().name in {"icon2_lens"} or True
         True
     """
@@ -69,7 +69,7 @@ class ModelInfo:
     Attributes:
         source: what the user passed (``"embedded"`` for the default model).
         kind: ``"embedded"``, ``"gguf"``, ``"hf_dir"`` or ``"hf_id"``.
-        hf_path: a local folder or HF id from which :meth:`LoadedModel.hf_model` reloads a plain HF model.
+        hf_path: a local folder or HF id from which `LoadedModel.hf_model` reloads a plain HF model.
         model_id: a short human name (``SmolLM2-135M-Instruct``, the folder name, or the HF id).
         architecture: the HF architecture class name.
         n_layers: number of transformer blocks.
@@ -93,10 +93,10 @@ class ModelInfo:
 
 @dataclass
 class LoadedModel:
-    """A loaded model: the ``TransformerBridge``, its tokenizer and a :class:`ModelInfo`.
+    """A loaded model: the ``TransformerBridge``, its tokenizer and a `ModelInfo`.
 
     The bridge wraps (and rewrites in place) its own HF model instance; use
-    :meth:`hf_model` for a separate plain HF model, e.g. for training.
+    `hf_model` for a separate plain HF model, e.g. for training.
 
     Attributes:
         bridge: the ``transformer_lens.model_bridge.TransformerBridge``.
@@ -129,7 +129,7 @@ class LoadedModel:
     def hf_model(self, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> Any:
         """A fresh, plain ``AutoModelForCausalLM`` with the same weights (not the bridge's).
 
-        Example:
+        Examples:
             >>> hf = model.hf_model()  # doctest: +SKIP
         """
         from transformers import AutoModelForCausalLM
@@ -151,7 +151,7 @@ class LoadedModel:
 def config_fingerprint(config: Any) -> str:
     """Hash of the config keys that fix a model's shapes and arithmetic (16 hex digits).
 
-    Example:
+    Examples:
         >>> from transformers import LlamaConfig
         >>> len(config_fingerprint(LlamaConfig(hidden_size=64, num_hidden_layers=2)))
         16
@@ -262,10 +262,10 @@ def load_model(
         chat_template: a Jinja chat template to use when the tokenizer has none (base models).
 
     Returns:
-        A :class:`LoadedModel`. The bridge runs in raw (non-folded) mode, so residual vectors read from
+        A `LoadedModel`. The bridge runs in raw (non-folded) mode, so residual vectors read from
         it can be added back unchanged.
 
-    Example:
+    Examples:
         >>> import icon2_lens as il
         >>> model = il.load_model()  # doctest: +SKIP
         >>> model.n_layers, model.d_model  # doctest: +SKIP

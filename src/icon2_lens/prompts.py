@@ -2,7 +2,7 @@
 
 Everything goes through the tokenizer's own chat template (no hand-written per-model
 templates). A model without a chat template gets a clear error; pass ``chat_template=`` to
-:func:`icon2_lens.load_model` to give it one.
+`icon2_lens.load_model` to give it one.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ __all__ = ["render_chat", "stimulus_texts", "require_chat_template"]
 def require_chat_template(tokenizer: Any) -> None:
     """Raise a clear error if ``tokenizer`` has no chat template.
 
-    Example:
+    Examples:
         >>> require_chat_template(model.tokenizer)  # doctest: +SKIP
     """
     if not getattr(tokenizer, "chat_template", None):
@@ -44,7 +44,7 @@ def render_chat(
         assistant: if given, the text ends right after this assistant message's content (no
             end-of-turn token); otherwise it ends with the generation prompt (assistant-turn start).
 
-    Example:
+    Examples:
         >>> render_chat(tok, "Hi", system="You are a helpful assistant.")  # doctest: +SKIP
         '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
     """
@@ -62,7 +62,7 @@ def render_chat(
 def stimulus_texts(tokenizer: Any, system: str, instructions: Sequence[str]) -> list[str]:
     """Each instruction rendered after one system prompt, ending at the assistant-turn start.
 
-    Example:
+    Examples:
         >>> stimulus_texts(tok, "You are a helpful assistant.", ["Hi"])  # doctest: +SKIP
     """
     return [render_chat(tokenizer, d, system=system) for d in instructions]
