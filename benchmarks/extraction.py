@@ -1,0 +1,439 @@
+#!/usr/bin/env python
+"""Extraction benchmark: icon2_lens against a plain HF forward pass and two peer libraries.
+
+One run, same stimuli for everyone: criteria x {positive, negative} x instructions, rendered with
+``icon2_lens.prompts.stimulus_texts`` (default: 4 criteria x 32 built-in instructions = 256
+prompts) on the embedded model ``il.load_model()``. It prints and writes (``--json``):
+
+1. ``il.extract_directions`` time / one plain HF forward pass with ``output_hidden_states=True``
+   over the same batches (same length-sorted, left-padded pos+neg batches, last-token reads at every
+   layer, same direction math). Goal <= 1.05. Also shown: the ratio against HF's base model without
+   lm_head (``hf.model(...)``), since icon2_lens computes no logits.
+2. extraction time / the faster of steering-vectors' ``train_steering_vector`` and repeng's
+   ``ControlVector.train`` on the same prompt strings. Goal <= 1.0.
+3. peak RSS increase of an extraction on 4x the instructions / on 1x, each measured in a fresh
+   subprocess (``--memory-child N``). Goal <= 1.2.
+
+The figures are ratios measured side by side in one process; absolute seconds depend on the machine.
+
+Peers (benchmark only, not library dependencies)::
+
+    pip install --no-deps steering-vectors==0.12.2 repeng==0.4.0 && pip install scikit-learn
+
+Run::
+
+    python benchmarks/extraction.py                     # full default (a few minutes on 2 CPU cores)
+    python benchmarks/extraction.py --n 4 --repeats 1   # smoke test
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # peers draw progress bars; read by tqdm at import
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+import icon2_lens as il
+from icon2_lens.prompts import stimulus_texts
+
+GOALS = {"vs_hf": 1.05, "vs_peer": 1.0, "memory": 1.2}
+DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "extraction.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# stimuli
+# ---------------------------------------------------------------------------------------------
+def build_stimuli(tokenizer: Any, criteria: Sequence[il.Criterion], instructions: Sequence[str]) -> list[dict]:
+    """Per criterion: rendered positive and negative prompts (same order as ``instructions``)."""
+    return [
+        {
+            "name": c.name,
+            "pos": stimulus_texts(tokenizer, c.positive, instructions),
+            "neg": stimulus_texts(tokenizer, c.negative, instructions),
+        }
+        for c in criteria
+    ]
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm(dim=-1, keepdim=True)
+
+
+def _directions(diffs: torch.Tensor, method: str) -> torch.Tensor:
+    """``diffs`` [n, L, d] -> unit directions [L, d] (mean difference or uncentred PCA)."""
+    mean = diffs.double().mean(0)
+    if method == "mean_diff":
+        return _unit(mean).float()
+    # uncentred PCA: top right-singular vector of the differences, per layer (batched SVD)
+    _, _, vh = torch.linalg.svd(diffs.transpose(0, 1).double(), full_matrices=False)
+    v = vh[:, 0, :]
+    sign = torch.sign((v * mean).sum(-1, keepdim=True))
+    return (v * sign).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# the methods
+# ---------------------------------------------------------------------------------------------
+def run_icon2(model: il.LoadedModel, criteria, instructions, batch_size: int, method: str) -> torch.Tensor:
+    dirs = il.extract_directions(model, criteria, list(instructions), batch_size=batch_size, method=method,
+                                 progress=False)
+    return dirs.vectors
+
+
+def _left_pad(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
+        mask[i, width - len(x):] = 1
+    return input_ids, mask
+
+
+def run_hf(forward: Callable[..., Any], tokenizer: Any, stimuli: list[dict], n_layers: int, batch_size: int,
+           method: str) -> torch.Tensor:
+    """The yardstick: plain HF forward passes over icon2_lens's batches, plus the direction math.
+
+    For each criterion: instructions sorted by tokenised length, chunks of ``batch_size // 2``,
+    positive and negative prompts in one left-padded batch with attention mask (and the matching
+    position ids), ``hidden_states[l + 1][:, -1]`` for every layer.
+    """
+    pairs = max(1, batch_size // 2)
+    pad_id = int(tokenizer.pad_token_id)
+    out = []
+    for s in stimuli:
+        pos = tokenizer(s["pos"], add_special_tokens=False)["input_ids"]
+        neg = tokenizer(s["neg"], add_special_tokens=False)["input_ids"]
+        order = sorted(range(len(pos)), key=lambda i: len(pos[i]) + len(neg[i]))
+        diffs: torch.Tensor | None = None
+        for start in range(0, len(order), pairs):
+            idx = order[start:start + pairs]
+            input_ids, mask = _left_pad([pos[i] for i in idx] + [neg[i] for i in idx], pad_id)
+            position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+            with torch.inference_mode():
+                res = forward(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                              output_hidden_states=True)
+            h = torch.stack([res.hidden_states[layer + 1][:, -1] for layer in range(n_layers)], 1).float()
+            if diffs is None:
+                diffs = torch.empty(len(pos), n_layers, h.shape[-1])
+            k = len(idx)
+            diffs[idx] = h[:k] - h[k:]
+            del res
+        out.append(_directions(diffs, method))
+    return torch.stack(out)
+
+
+def run_steering_vectors(hf: Any, tokenizer: Any, stimuli: list[dict], batch_size: int, method: str) -> torch.Tensor:
+    from steering_vectors import train_steering_vector
+    from steering_vectors.aggregators import mean_aggregator, pca_aggregator
+
+    agg = pca_aggregator() if method.startswith("pca") else mean_aggregator()
+    out = []
+    for s in stimuli:
+        sv = train_steering_vector(hf, tokenizer, list(zip(s["pos"], s["neg"])), layers=None,
+                                   read_token_index=-1, batch_size=batch_size, aggregator=agg,
+                                   show_progress=False)
+        out.append(_unit(torch.stack([sv.layer_activations[k] for k in sorted(sv.layer_activations)])))
+    return torch.stack(out)
+
+
+def run_repeng(hf: Any, tokenizer: Any, stimuli: list[dict], n_layers: int, batch_size: int) -> torch.Tensor:
+    import numpy
+
+    if not hasattr(numpy, "float_"):
+        numpy.float_ = numpy.float64  # repeng 0.4.0 uses the NumPy-1 alias
+    from repeng import ControlVector, DatasetEntry
+
+    out = []
+    for s in stimuli:
+        data = [DatasetEntry(positive=p, negative=n) for p, n in zip(s["pos"], s["neg"])]
+        cv = ControlVector.train(hf, tokenizer, data, hidden_layers=list(range(n_layers)), batch_size=batch_size,
+                                 method="pca_diff")
+        out.append(_unit(torch.stack([torch.from_numpy(cv.directions[k]) for k in range(n_layers)])))
+    return torch.stack(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# memory child
+# ---------------------------------------------------------------------------------------------
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def memory_child(n: int, batch_size: int, method: str) -> None:
+    """Load the model, then report the peak RSS of one extraction on ``n`` instructions (JSON line)."""
+    model = il.load_model()
+    instructions = il.builtin_instructions()[:n]
+    if len(instructions) < n:
+        raise SystemExit(f"only {len(instructions)} built-in instructions; asked for {n}")
+    gc.collect()
+    time.sleep(0.2)
+    baseline = _rss()
+    peak = baseline
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, _rss())
+            stop.wait(0.005)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    t0 = time.perf_counter()
+    il.extract_directions(model, il.DEFAULT_CRITERIA, instructions, batch_size=batch_size, method=method,
+                          progress=False)
+    secs = time.perf_counter() - t0
+    stop.set()
+    t.join()
+    peak = max(peak, _rss())
+    print("MEMORY_RESULT " + json.dumps({"n_instructions": n, "baseline_rss": baseline, "peak_rss": peak,
+                                          "peak_delta": peak - baseline, "seconds": secs}), flush=True)
+
+
+def measure_memory(n: int, batch_size: int, method: str) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", str(n), "--batch-size", str(batch_size),
+           "--method", method]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("MEMORY_RESULT "):
+            return json.loads(line.split(" ", 1)[1])
+    raise RuntimeError(f"memory child for n={n} failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+def _time(fn: Callable[[], Any]) -> tuple[float, Any]:
+    gc.collect()
+    t0 = time.perf_counter()
+    res = fn()
+    return time.perf_counter() - t0, res
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|cosine| per criterion and layer (sign conventions of peers may differ)."""
+    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).abs()
+
+
+def _fmt_ratio(r: float | None) -> str:
+    return "n/a" if r is None else f"{r:.3f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=32, help="instructions per criterion (default 32 -> 256 prompts)")
+    ap.add_argument("--batch-size", type=int, default=32, help="prompts per forward pass (default 32)")
+    ap.add_argument("--method", choices=["pca", "mean_diff"], default="pca", help="direction method (default pca)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per method; the median is used")
+    ap.add_argument("--mem-n", type=int, default=64, help="1x instructions for the memory test (4x = 4 * this)")
+    ap.add_argument("--skip-memory", action="store_true", help="skip the memory subprocesses")
+    ap.add_argument("--skip-peers", action="store_true", help="skip steering-vectors and repeng")
+    ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"result file (default {DEFAULT_JSON})")
+    ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.memory_child is not None:
+        memory_child(args.memory_child, args.batch_size, args.method)
+        return 0
+
+    t_start = time.perf_counter()
+    load_at_start = os.getloadavg()
+    print(f"torch threads={torch.get_num_threads()}  cpus={os.cpu_count()}  load avg={load_at_start}", flush=True)
+    model = il.load_model()
+    hf = model.hf_model()
+    hf.eval()
+    tok = model.tokenizer
+    criteria = list(il.DEFAULT_CRITERIA)
+    instructions = il.builtin_instructions()[: args.n]
+    stimuli = build_stimuli(tok, criteria, instructions)
+    warm_stimuli = build_stimuli(tok, criteria[:1], instructions[:2])
+    L = model.n_layers
+    B = args.batch_size
+    sv_batch = max(1, B // 2)  # pairs per call: one pos pass + one neg pass of B//2 prompts each
+    n_prompts = 2 * len(criteria) * len(instructions)
+    print(f"model={model.info.model_id} layers={L} d_model={model.d_model}  criteria={len(criteria)} "
+          f"instructions={len(instructions)} prompts={n_prompts} batch={B} method={args.method} "
+          f"repeats={args.repeats}", flush=True)
+
+    methods: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
+        "icon2_lens": (lambda: run_icon2(model, criteria, instructions, B, args.method),
+                       lambda: run_icon2(model, criteria[:1], instructions[:2], B, args.method)),
+        "hf_causallm": (lambda: run_hf(hf, tok, stimuli, L, B, args.method),
+                        lambda: run_hf(hf, tok, warm_stimuli, L, B, args.method)),
+        "hf_base": (lambda: run_hf(hf.model, tok, stimuli, L, B, args.method),
+                    lambda: run_hf(hf.model, tok, warm_stimuli, L, B, args.method)),
+    }
+    if not args.skip_peers:
+        methods["steering_vectors"] = (lambda: run_steering_vectors(hf, tok, stimuli, sv_batch, args.method),
+                                       lambda: run_steering_vectors(hf, tok, warm_stimuli, sv_batch, args.method))
+        methods["repeng"] = (lambda: run_repeng(hf, tok, stimuli, L, B),
+                             lambda: run_repeng(hf, tok, warm_stimuli, L, B))
+
+    errors: dict[str, str] = {}
+    for name, (_, warm) in list(methods.items()):
+        try:
+            warm()
+        except Exception as exc:  # a peer that does not run on this stack
+            if name in ("icon2_lens", "hf_causallm", "hf_base"):
+                raise
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            print(f"[{name}] failed in warm-up, left out: {errors[name]}", flush=True)
+            traceback.print_exc(limit=3)
+            del methods[name]
+
+    times: dict[str, list[float]] = {k: [] for k in methods}
+    vectors: dict[str, torch.Tensor] = {}
+    for r in range(args.repeats):  # interleaved, so drift in machine load hits every method alike
+        for name, (fn, _) in methods.items():
+            if name in errors:
+                continue
+            try:
+                secs, vecs = _time(fn)
+            except Exception as exc:
+                errors[name] = f"{type(exc).__name__}: {exc}"
+                print(f"[{name}] failed, left out: {errors[name]}", flush=True)
+                continue
+            times[name].append(secs)
+            vectors[name] = vecs
+            print(f"  repeat {r + 1}/{args.repeats}  {name:<17s} {secs:7.2f} s", flush=True)
+    times = {k: v for k, v in times.items() if v and k not in errors}
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    # agreement with icon2_lens (|cosine|, mean over criteria, layers 0..L-2: HF's last hidden state is post-norm)
+    agree = {}
+    for name, vecs in vectors.items():
+        if name != "icon2_lens" and vecs.shape == vectors["icon2_lens"].shape:
+            c = _cos(vectors["icon2_lens"], vecs)[:, : L - 1]
+            agree[name] = {"mean_cos": round(float(c.mean()), 4), "min_cos": round(float(c.min()), 4)}
+
+    t_icon = med["icon2_lens"]
+    r_hf = t_icon / med["hf_causallm"]
+    r_base = t_icon / med["hf_base"]
+    peers = {k: med[k] for k in ("steering_vectors", "repeng") if k in med}
+    best_peer = min(peers, key=peers.get) if peers else None
+    r_peer = t_icon / peers[best_peer] if best_peer else None
+
+    mem: dict[str, Any] = {}
+    if not args.skip_memory:
+        print(f"memory: fresh subprocesses with {args.mem_n} and {4 * args.mem_n} instructions ...", flush=True)
+        m1 = measure_memory(args.mem_n, B, args.method)
+        m4 = measure_memory(4 * args.mem_n, B, args.method)
+        mem = {"1x": m1, "4x": m4, "delta_ratio": m4["peak_delta"] / m1["peak_delta"],
+               "total_ratio": m4["peak_rss"] / m1["peak_rss"]}
+
+    # ---- table ----
+    mib = 1024 ** 2
+    rows = [
+        ("1. icon2_lens / HF forward (CausalLM, output_hidden_states)", r_hf, GOALS["vs_hf"]),
+        ("   icon2_lens / HF base model (no lm_head) [transparency]", r_base, None),
+        (f"2. icon2_lens / fastest peer ({best_peer})", r_peer, GOALS["vs_peer"]),
+    ]
+    if mem:
+        rows.append((f"3. peak RSS increase {4 * args.mem_n} / {args.mem_n} instructions", mem["delta_ratio"],
+                     GOALS["memory"]))
+        rows.append(("   total peak RSS ratio [transparency]", mem["total_ratio"], None))
+    print()
+    print(f"{'median seconds over ' + str(len(times['icon2_lens'])) + ' repeats':<62s}")
+    for k, v in med.items():
+        extra = f"  (all: {', '.join(f'{x:.2f}' for x in times[k])})"
+        print(f"  {k:<20s} {v:8.2f} s{extra}")
+    for name, msg in errors.items():
+        print(f"  {name:<20s} FAILED: {msg}")
+    if agree:
+        print("agreement with icon2_lens directions (|cos|, layers 0..L-2):",
+              ", ".join(f"{k} mean {v['mean_cos']:.3f} min {v['min_cos']:.3f}" for k, v in agree.items()))
+    if mem:
+        for key in ("1x", "4x"):
+            m = mem[key]
+            print(f"  memory {key}: n={m['n_instructions']:4d}  baseline {m['baseline_rss'] / mib:7.1f} MiB  "
+                  f"peak {m['peak_rss'] / mib:7.1f} MiB  delta {m['peak_delta'] / mib:7.1f} MiB  "
+                  f"({m['seconds']:.1f} s)")
+    print()
+    print(f"{'ratio':<64s} {'value':>7s} {'goal':>7s}  met")
+    print("-" * 84)
+    results_rows = []
+    for label, val, goal in rows:
+        ok = None if goal is None or val is None else val <= goal
+        print(f"{label:<64s} {_fmt_ratio(val):>7s} {('<= ' + str(goal)) if goal else '':>7s}  "
+              f"{'' if ok is None else ('yes' if ok else 'NO')}")
+        results_rows.append({"ratio": label.strip(), "value": val, "goal": goal, "met": ok})
+    total = time.perf_counter() - t_start
+    print(f"\ntotal benchmark time {total:.0f} s; load avg at start {load_at_start}, at end {os.getloadavg()}")
+
+    notes = [
+        "Ratios are the figure; seconds depend on the machine.",
+        "HF yardstick: model.hf_model() (sdpa attention), icon2_lens's batches (length-sorted, B//2 pairs, pos+neg "
+        "in one left-padded batch, position ids from the mask), hidden_states[l+1][:, -1], batched SVD (pca) or "
+        "mean (mean_diff). Texts are rendered once beforehand; tokenisation is timed.",
+        "icon2_lens timing includes chat rendering, tokenisation, and its streaming statistics.",
+        f"steering-vectors: batch_size={sv_batch} pairs (a positive and a negative forward pass of {sv_batch} "
+        "prompts each per batch), tokenizer padding side as loaded (right), read_token_index=-1 = last non-pad "
+        "token (adjust_read_indices_for_padding), output of each decoder block, "
+        f"{'pca_aggregator' if args.method.startswith('pca') else 'mean_aggregator'}; full CausalLM forward (logits).",
+        f"repeng: batch_size={B} prompts (pos/neg interleaved), hidden_layers=all {L}, method=pca_diff "
+        "(sklearn PCA, centred), last non-pad token, full CausalLM forward with output_hidden_states.",
+        "Memory: fresh subprocess per size, RSS sampled every 5 ms in a thread, delta over post-load RSS.",
+    ]
+    result = {
+        "benchmark": "extraction",
+        "config": {"n_instructions": len(instructions), "criteria": [c.name for c in criteria],
+                   "n_prompts": n_prompts, "batch_size": B, "method": args.method, "repeats": args.repeats,
+                   "mem_n_1x": args.mem_n, "mem_n_4x": 4 * args.mem_n, "steering_vectors_batch_size": sv_batch,
+                   "repeng_batch_size": B},
+        "ratios": results_rows,
+        "ratio_values": {"icon2_over_hf_causallm": r_hf, "icon2_over_hf_base": r_base,
+                         "icon2_over_best_peer": r_peer, "best_peer": best_peer,
+                         "memory_delta_4x_over_1x": mem.get("delta_ratio"),
+                         "memory_total_4x_over_1x": mem.get("total_ratio")},
+        "goals": GOALS,
+        "median_seconds": med,
+        "all_seconds": times,
+        "errors": errors,
+        "agreement_with_icon2": agree,
+        "memory": mem,
+        "notes": notes,
+        "environment": {"python": platform.python_version(), "platform": platform.platform(),
+                        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                        "load_avg_start": load_at_start, "load_avg_end": os.getloadavg(),
+                        "versions": _versions()},
+        "total_seconds": total,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("icon2-lens", "torch", "transformers", "transformer-lens", "steering-vectors", "repeng",
+                "scikit-learn", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
