@@ -8,6 +8,7 @@ working directory, so they cannot litter the repository, and are never written b
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 KERNEL = "python3"
 CELL_TIMEOUT_S = 600
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes in IPython tracebacks
 
 
 def _ensure_kernelspec(name: str = KERNEL) -> None:
@@ -57,9 +59,8 @@ def test_notebook_runs(path: Path, tmp_path: Path) -> None:
     try:
         client.execute()
     except (CellExecutionError, CellTimeoutError) as exc:
-        pytest.fail(f"{path.name}: a cell failed:\n{exc}", pytrace=False)
-    # Keep the executed copy next to the test's tmp dir for inspection on failure of later checks.
-    nbformat.write(nb, tmp_path / path.name)
+        pytest.fail(f"{path.name}: a cell failed:\n{_ANSI.sub('', str(exc))}", pytrace=False)
+    nbformat.write(nb, tmp_path / path.name)  # the executed copy, for inspection (never written back)
     errors = [
         o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"
     ]
