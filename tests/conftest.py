@@ -142,6 +142,16 @@ def smol():
     return il.load_model(device="cpu")
 
 
+# A small feature set for extraction on the tiny model.
+INSTRUCTIONS = [
+    "Write a haiku about the sea.",
+    "Explain how DNS works.",
+    "What is the capital of France?",
+    "Give me three tips for sleeping better.",
+    "Summarise the plot of Hamlet in two sentences.",
+    "How do I reverse a list in Python?",
+]
+
 # Prompts of clearly different token lengths, for padding checks.
 PROMPTS = [
     "Hi",

@@ -43,6 +43,19 @@ def _right_padded_manual(model, ids: list[list[int]], hook: str = "resid_post") 
     return torch.stack([store[layer][torch.arange(n), last] for layer in range(model.n_layers)], 1)
 
 
+def test_tiny_tokenizer_covers_any_text(tiny_model):
+    """Byte-level BPE: unseen words, accents and emoji round-trip, so arbitrary instructions work."""
+    tok = tiny_model.tokenizer
+    for text in ["Zxqv ünïcødé 🙂 never seen", "tab\tand\nnewline", "数学の問題"]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert ids and tok.unk_token_id not in ids
+        assert tok.decode(ids) == text
+    ids = tokenize_texts(tiny_model, ["<|im_start|>user\nHi<|im_end|>"])[0]
+    start, end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert ids[0] == start and ids[-1] == end  # special tokens stay whole
+    assert ids.count(start) == 1 and ids.count(end) == 1
+
+
 def test_prompts_have_different_lengths(tiny_model, chat_prompts):
     lengths = [len(x) for x in tokenize_texts(tiny_model, chat_prompts)]
     assert len(set(lengths)) >= 4, lengths  # otherwise the padding tests test nothing
@@ -93,6 +106,22 @@ def test_read_equals_hf_hidden_states(tiny_model, chat_prompts):
     pre = il.read_last_token(tiny_model, [text], hook="resid_pre", progress=False)
     torch.testing.assert_close(pre[0, 0], hidden[0][0, -1], atol=1e-4, rtol=0)
     torch.testing.assert_close(pre[0, 1:], got[0, :-1], atol=1e-5, rtol=0)
+
+
+def test_resid_mid_equals_hf_post_attention_residual(tiny_model, chat_prompts):
+    """resid_mid of block l = the residual after attention = input of HF post_attention_layernorm."""
+    hf = tiny_model.hf_model()
+    store = {}
+    for layer, block in enumerate(hf.model.layers):
+        block.post_attention_layernorm.register_forward_hook(
+            lambda mod, inp, out, layer=layer: store.__setitem__(layer, inp[0][0, -1].detach())
+        )
+    text = chat_prompts[1]
+    with torch.no_grad():
+        hf(torch.tensor(tokenize_texts(tiny_model, [text])))
+    mid = il.read_last_token(tiny_model, [text], hook="resid_mid", progress=False)
+    for layer in range(tiny_model.n_layers):
+        torch.testing.assert_close(mid[0, layer], store[layer], atol=1e-4, rtol=0)
 
 
 def test_layer_subset_and_negative_layers(tiny_model, chat_prompts):

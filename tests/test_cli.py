@@ -124,6 +124,20 @@ def test_layers_writes_report_and_records_range(tiny_model_dir, instr_file, tmp_
     assert (out / "directions.safetensors").read_bytes() == tensors_before
 
 
+def test_extract_stability_is_shown_by_layers(tiny_model_dir, instr_file, tmp_path, capsys):
+    out = tmp_path / "dirs"
+    assert _extract(tiny_model_dir, out, instr_file, "--stability") == 0
+    d = il.DirectionSet.load(out)
+    assert d.stats["stability"].shape == (2, len(d.layers))
+    capsys.readouterr()
+    rc = main(["layers", "--model", str(tiny_model_dir), "--device", "cpu", "--no-progress", "--directions", str(out),
+               "--n-heldout", "4", "--n-paraphrase-instructions", "1"])
+    assert rc == 0
+    assert "helpful stab" in capsys.readouterr().out
+    report = json.loads((out / "layer_report.json").read_text())
+    assert report["stability"] == d.stats["stability"].tolist()
+
+
 def test_layers_with_heldout_file_and_out_folder(tiny_model_dir, instr_file, tmp_path, capsys):
     dirs = tmp_path / "dirs"
     assert _extract(tiny_model_dir, dirs, instr_file, "--criteria", "helpful") == 0
@@ -149,6 +163,20 @@ def test_layers_errors(tiny_model_dir, other_tiny_model, instr_file, tmp_path, c
                "--directions", str(out)])
     assert rc == 2 and "fingerprint" in capsys.readouterr().err
     assert _files(out) == before
+
+
+def test_model_folder_without_weights_returns_2(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for p in tiny_model_dir.iterdir():
+        if p.suffix != ".safetensors":
+            shutil.copy(p, broken / p.name)
+    rc = main(["extract", "--model", str(broken), "--device", "cpu", "--no-progress", "--out", str(tmp_path / "o"),
+               "--criteria", "helpful", "--n-instructions", "2"])
+    assert rc == 2
+    assert "model.safetensors" in capsys.readouterr().err
 
 
 def test_argparse_errors_exit_2(capsys):

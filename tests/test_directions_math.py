@@ -80,6 +80,32 @@ def test_streaming_equals_one_batch(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_merge_equals_one_accumulator(method):
+    # the two parts get different shift references (their first batches differ): merge must re-centre
+    pos, neg, _ = _planted(n=40, noise=0.5, offset=30.0, seed=3)
+    one = ContrastAccumulator(n_layers=3, d_model=16)
+    one.update(pos, neg)
+    a, b = ContrastAccumulator(n_layers=3, d_model=16), ContrastAccumulator(n_layers=3, d_model=16)
+    a.update(pos[:9], neg[:9])
+    b.update(pos[9:] + 5.0, neg[9:] + 5.0)  # shift b's reference far from a's ...
+    b = ContrastAccumulator(n_layers=3, d_model=16)
+    b.update(pos[30:], neg[30:])  # ... then a real second half with its own reference
+    b.update(pos[9:30], neg[9:30])
+    assert not torch.allclose(a.h_ref, b.h_ref)
+    merged = a.merge(b)
+    assert merged.n == 40 and (a.n, b.n) == (9, 31)  # inputs untouched
+    u1, s1 = one.directions(method)
+    u2, s2 = merged.directions(method)
+    torch.testing.assert_close(u2, u1, atol=1e-5, rtol=0)
+    for k in s1:
+        torch.testing.assert_close(s2[k], s1[k], atol=1e-4, rtol=1e-4, msg=k)
+    empty = ContrastAccumulator(n_layers=3, d_model=16)
+    assert empty.merge(a).n == a.n and empty.merge(empty).n == 0
+    with pytest.raises(ValueError, match="Cannot merge"):
+        a.merge(ContrastAccumulator(n_layers=2, d_model=16))
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("offset", [0.0, 50.0])
 def test_stats_match_direct_computation(method, offset):
     pos, neg, _ = _planted(n=40, noise=0.5, offset=offset, seed=2)

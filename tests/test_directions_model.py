@@ -11,16 +11,8 @@ import icon2_lens as il
 from icon2_lens.directions import instruction_hash
 from icon2_lens.prompts import stimulus_texts
 
-from conftest import CHATML
+from conftest import CHATML, INSTRUCTIONS
 
-INSTRUCTIONS = [
-    "Write a haiku about the sea.",
-    "Explain how DNS works.",
-    "What is the capital of France?",
-    "Give me three tips for sleeping better.",
-    "Summarise the plot of Hamlet in two sentences.",
-    "How do I reverse a list in Python?",
-]
 CRITS = ["helpful", "honest"]
 
 

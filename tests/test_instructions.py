@@ -22,6 +22,14 @@ def test_builtin_set():
         il.builtin_instructions("nope")
 
 
+def test_builtin_sets_split_feature_and_heldout():
+    feature, heldout, every = (il.builtin_instructions(n) for n in ("default", "heldout", "all"))
+    assert (len(feature), len(heldout)) == (256, 64)
+    assert every == feature + heldout
+    assert not set(feature) & set(heldout)
+    assert il.load_instructions("heldout") == heldout
+
+
 def test_from_list():
     assert il.load_instructions(["  Write a haiku. ", "", "Explain DNS.\n"]) == ["Write a haiku.", "Explain DNS."]
     assert il.load_instructions(ITEMS, limit=2) == ITEMS[:2]

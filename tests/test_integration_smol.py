@@ -92,3 +92,4 @@ def test_response_pairs_separate_for_helpful(smol, instructions):
     assert not torch.isnan(report.response).any()
     upper = report.response[0, 10:]
     assert (upper > 0.5).any(), report.table()
+    assert upper[5:].mean() > 0.6, report.table()  # layers 15-29: ~0.85 measured

@@ -11,7 +11,7 @@ import icon2_lens as il
 from icon2_lens.directions import instruction_hash
 from icon2_lens.layers import _default_heldout, separation, suggest_layer_range
 
-from test_directions_model import INSTRUCTIONS
+from conftest import INSTRUCTIONS
 
 HELDOUT = [
     "Name three rivers in Africa.",
@@ -183,9 +183,15 @@ def test_default_heldout_skips_used_instructions(dirs):
     used = dirs.with_meta(instruction_hashes=[instruction_hash(x) for x in builtin[:5]])
     assert _default_heldout(used, 3) == builtin[5:8]
     assert _default_heldout(dirs, 2) == builtin[:2]
-    all_used = dirs.with_meta(instruction_hashes=[instruction_hash(x) for x in builtin])
+    all_used = dirs.with_meta(instruction_hashes=[instruction_hash(x) for x in il.builtin_instructions("all")])
     with pytest.raises(ValueError, match="held out"):
         _default_heldout(all_used, 3)
+
+
+def test_documented_default_flow_extract_then_report(tiny_model):
+    d = il.extract_directions(tiny_model, ["helpful"], "default", layers=[0], batch_size=64, progress=False)
+    rep = il.layer_report(tiny_model, d, n_heldout=4, paraphrases={}, response_pairs={}, progress=False)
+    assert rep.counts["helpful"]["a"] == 4
 
 
 # ---- split-half stability ----------------------------------------------------------------------
@@ -203,6 +209,36 @@ def test_split_half_stability_shape_range_and_halves(tiny_model, dirs):
     va = il.extract_directions(tiny_model, ["helpful", "honest"], half_a, progress=False).vectors
     vb = il.extract_directions(tiny_model, ["helpful", "honest"], half_b, progress=False).vectors
     torch.testing.assert_close(stab, (va * vb).sum(-1), atol=1e-4, rtol=0)
+
+
+def test_stability_in_the_extraction_pass(tiny_model, dirs):
+    one = il.extract_directions(tiny_model, ["helpful", "honest"], INSTRUCTIONS, batch_size=6, stability=True,
+                                progress=False)
+    plain = il.extract_directions(tiny_model, ["helpful", "honest"], INSTRUCTIONS, batch_size=6, progress=False)
+    torch.testing.assert_close(one.vectors, plain.vectors, atol=1e-5, rtol=0)  # merged halves == full set
+    for k in plain.stats:
+        torch.testing.assert_close(one.stats[k], plain.stats[k], atol=1e-4, rtol=1e-4, msg=k)
+    two_pass = il.split_half_stability(tiny_model, plain, INSTRUCTIONS, batch_size=6, progress=False)
+    torch.testing.assert_close(one.stats["stability"], two_pass, atol=1e-5, rtol=0)
+    assert one.meta["stability_split"] == {"seed": 0, "halves": [len(INSTRUCTIONS) // 2, len(INSTRUCTIONS) - len(INSTRUCTIONS) // 2]}
+    rep = il.layer_report(tiny_model, one, heldout=HELDOUT, paraphrases={}, progress=False)
+    assert torch.equal(rep.stability, one.stats["stability"])  # shown without a second pass
+    assert il.layer_report(tiny_model, plain, heldout=HELDOUT, paraphrases={}, progress=False).stability is None
+    with pytest.raises(ValueError, match="at least 4"):
+        il.extract_directions(tiny_model, ["helpful"], INSTRUCTIONS[:3], stability=True, progress=False)
+
+
+def test_figure_leaves_matplotlib_state_alone(report, tmp_path):
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    backend, n_figs = matplotlib.get_backend(), len(plt.get_fignums())
+    fig = report.figure()
+    assert len(fig.axes) == 3 and len(fig.axes[0].lines) >= len(report.criteria)
+    png = report.plot(tmp_path / "r.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.get_backend() == backend and len(plt.get_fignums()) == n_figs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.png"]
 
 
 def test_split_half_needs_four_instructions(tiny_model):

@@ -44,6 +44,14 @@ def test_fingerprint_tracks_shape_not_weights():
     assert models.config_fingerprint({"model_type": "llava", "text_config": cfg}) != a  # model_type kept from outer
 
 
+def test_fingerprint_tracks_rope_base():
+    from transformers import LlamaConfig
+
+    a = LlamaConfig(hidden_size=64, num_hidden_layers=2)
+    b = LlamaConfig(hidden_size=64, num_hidden_layers=2, rope_theta=1_000_000.0)
+    assert models.config_fingerprint(a) != models.config_fingerprint(b)
+
+
 def test_other_model_differs(tiny_model, other_tiny_model):
     assert other_tiny_model.info.fingerprint != tiny_model.info.fingerprint
     assert (other_tiny_model.n_layers, other_tiny_model.d_model) == (3, 32)
@@ -105,6 +113,14 @@ def test_gguf_cache_folder_lives_under_cache_dir(monkeypatch, tmp_path):
     folder = models._gguf_cache_folder(g)
     assert folder.parent == tmp_path / "c" / "models" and folder.name.startswith("m-")
     assert models._gguf_cache_folder(g) == folder  # stable
+
+
+def test_relative_folder_is_recorded_absolutely(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_model_dir)
+    m = il.load_model(".", device="cpu")
+    assert m.info.model_id == tiny_model_dir.name
+    monkeypatch.chdir(tmp_path)
+    assert m.hf_model().config.num_hidden_layers == 4
 
 
 def test_chat_template_argument_is_used(tiny_model_no_template_dir):

@@ -1,7 +1,7 @@
 """The ``icon2-lens`` command line: one subcommand per stage.
 
-    icon2-lens extract --out runs/directions            # embedded model, default criteria, built-in feature set
-    icon2-lens layers --directions runs/directions --stability
+    icon2-lens extract --out runs/directions --stability   # embedded model, default criteria, built-in feature set
+    icon2-lens layers --directions runs/directions
 """
 
 from __future__ import annotations
@@ -54,11 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criteria", default=None,
                    help="comma-separated default criteria (general,helpful,honest,harmless) or a YAML file; default: all four")
     p.add_argument("--instructions", default="default",
-                   help="feature set: 'default' (built-in), a .txt file (one per line) or a .jsonl file")
-    p.add_argument("--n-instructions", type=int, default=256,
-                   help="use the first N instructions (default 256; the built-in set keeps the other 64 held out)")
+                   help="feature set: 'default' (built-in, 256), a .txt file (one per line) or a .jsonl file")
+    p.add_argument("--n-instructions", type=int, default=None,
+                   help="use only the first N instructions (default: all of --instructions; 'default' is 256)")
     p.add_argument("--method", default="pca", choices=["pca", "mean_diff", "pca_centered"])
     p.add_argument("--hook", default="resid_post", help="residual hook: resid_pre, resid_mid or resid_post")
+    p.add_argument("--stability", action="store_true",
+                   help="also measure split-half stability in the same pass (stored with the directions)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_cmd_extract)
 
@@ -70,9 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-paraphrase-instructions", type=int, default=16)
     p.add_argument("--width", type=int, default=None, help="size of the suggested layer window (default: a third)")
     p.add_argument("--stability", action="store_true",
-                   help="also compute split-half stability on the feature set (a second extraction pass)")
+                   help="also compute split-half stability (a second extraction pass); not needed when the "
+                        "directions were extracted with --stability, whose values the report shows anyway")
     p.add_argument("--instructions", default="default", help="feature set for --stability (default: built-in)")
-    p.add_argument("--n-instructions", type=int, default=256, help="first N feature instructions for --stability")
+    p.add_argument("--n-instructions", type=int, default=None, help="first N feature instructions for --stability")
     p.add_argument("--out", type=Path, default=None,
                    help="folder for layer_report.{md,json,png} (default: the directions folder)")
     p.set_defaults(func=_cmd_layers)
@@ -88,7 +91,7 @@ def _cmd_extract(args: argparse.Namespace) -> list[Path]:
     instructions = load_instructions(args.instructions, limit=args.n_instructions)
     model = _load(args)
     dirs = extract_directions(model, args.criteria, instructions, method=args.method, hook=args.hook,
-                              batch_size=args.batch_size, progress=not args.no_progress)
+                              batch_size=args.batch_size, stability=args.stability, progress=not args.no_progress)
     dirs.save(args.out, overwrite=args.overwrite)
     print(dirs)
     return [args.out / "directions.safetensors", args.out / "directions.json"]
@@ -103,7 +106,7 @@ def _cmd_layers(args: argparse.Namespace) -> list[Path]:
     model = _load(args)
     dirs.check_compatible(model)
     stability = None
-    if args.stability:
+    if args.stability and "stability" not in dirs.stats:
         stability = split_half_stability(model, dirs, load_instructions(args.instructions, limit=args.n_instructions),
                                          batch_size=args.batch_size, progress=not args.no_progress)
     report = layer_report(model, dirs, heldout=args.heldout, n_heldout=args.n_heldout,
@@ -120,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         written = args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError) as exc:
+    except (ValueError, OSError, KeyError, TypeError) as exc:  # OSError: missing files, bad model folders
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"icon2-lens {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -135,6 +135,39 @@ class ContrastAccumulator:
         self.diff_norm_sum += diff.norm(dim=-1).sum(0).double()
         self.n += pos.shape[0]
 
+    def merge(self, other: "ContrastAccumulator") -> "ContrastAccumulator":
+        """A new accumulator holding the pairs of both (as if all had been added to one).
+
+        Examples:
+            >>> a, b = ContrastAccumulator(2, 4), ContrastAccumulator(2, 4)
+            >>> a.update(torch.randn(3, 2, 4), torch.randn(3, 2, 4)); b.update(torch.randn(5, 2, 4), torch.randn(5, 2, 4))
+            >>> a.merge(b).n
+            8
+        """
+        if (self.n_layers, self.d_model) != (other.n_layers, other.d_model):
+            raise ValueError(f"Cannot merge accumulators of shape {(self.n_layers, self.d_model)} and "
+                             f"{(other.n_layers, other.d_model)}.")
+        out = ContrastAccumulator(self.n_layers, self.d_model)
+        parts = [a for a in (self, other) if a.n]
+        if not parts:
+            return out
+        out.h_ref = parts[0].h_ref
+        for a in parts:
+            assert a.h_ref is not None and out.h_ref is not None
+            # re-centre a's shifted second moment on out.h_ref: sum (h-r')(h-r')^T with r' = out.h_ref
+            shift = (a.h_ref - out.h_ref).double()  # r - r'
+            s = a.h_sum - 2 * a.n * a.h_ref.double()  # sum (h - r) over the 2n pooled rows
+            cross = shift[:, :, None] * s[:, None, :]
+            corr = cross + cross.transpose(1, 2) + 2 * a.n * shift[:, :, None] * shift[:, None, :]
+            out.h_gram += (a.h_gram.double() + corr).float()
+            out.diff_gram += a.diff_gram
+            out.diff_sum += a.diff_sum
+            out.h_sum += a.h_sum
+            out.resid_norm_sum += a.resid_norm_sum
+            out.diff_norm_sum += a.diff_norm_sum
+            out.n += a.n
+        return out
+
     def directions(self, method: Method = "pca") -> tuple[Float[Tensor, "layer d_model"], dict[str, Float[Tensor, " layer"]]]:
         """Unit direction per layer and its statistics (see `STAT_NAMES`)."""
         if method not in _METHODS:
@@ -423,6 +456,8 @@ def extract_directions(
     hook: HookKind | str = "resid_post",
     layers: Sequence[int] | range | None = None,
     batch_size: int = 32,
+    stability: bool = False,
+    seed: int = 0,
     progress: bool = True,
 ) -> DirectionSet:
     """Extract one direction per criterion and layer from the model's own residual stream.
@@ -434,11 +469,17 @@ def extract_directions(
     Args:
         model: from `icon2_lens.load_model`.
         criteria: criteria or names (default: `icon2_lens.DEFAULT_CRITERIA`), or a YAML file.
-        instructions: the feature set: ``"default"`` (built-in, 320), a list, a TXT/JSONL file or a dataset.
+        instructions: the feature set: ``"default"`` (built-in, 256), a list, a TXT/JSONL file or a dataset.
         method: ``"pca"`` (default), ``"mean_diff"`` or ``"pca_centered"``.
         hook: residual hook kind (default ``resid_post``).
         layers: layers to extract (default: all).
         batch_size: prompts per forward pass.
+        stability: also measure split-half stability in the same pass: the instructions are split
+            into two disjoint random halves (``seed``), a direction is computed from each half, and
+            their cosine per layer is stored as ``stats["stability"]`` (the full-set directions are
+            unchanged: the two halves' sums are merged). Costs two more eigendecompositions per
+            layer and twice the accumulator memory, no extra forward passes.
+        seed: seed of the split for ``stability``.
         progress: show a progress bar.
 
     Returns:
@@ -453,10 +494,17 @@ def extract_directions(
         raise ValueError(f"Unknown method {method!r}; use one of {list(_METHODS)}.")
     crits = resolve_criteria(criteria)
     instr = load_instructions(instructions)
+    groups = split_halves(len(instr), seed=seed) if stability else None
     layer_list, accs = accumulate_contrasts(
-        model, crits, instr, hook=hook, layers=layers, batch_size=batch_size, progress=progress
+        model, crits, instr, hook=hook, layers=layers, batch_size=batch_size, groups=groups, progress=progress
     )
-    vecs, stats = finish_directions(accs[0], method)
+    if stability:
+        va, _ = finish_directions(accs[0], method)
+        vb, _ = finish_directions(accs[1], method)
+        vecs, stats = finish_directions([a.merge(b) for a, b in zip(accs[0], accs[1])], method)
+        stats["stability"] = torch.stack([cosine_per_layer(va[c], vb[c]) for c in range(len(crits))])
+    else:
+        vecs, stats = finish_directions(accs[0], method)
     meta = {
         "criteria": [c.to_dict() for c in crits],
         "layers": layer_list,
@@ -469,7 +517,25 @@ def extract_directions(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "suggested_layers": None,
     }
+    if stability:
+        meta["stability_split"] = {"seed": seed, "halves": [groups.count(0), groups.count(1)]}  # type: ignore[union-attr]
     return DirectionSet(vectors=vecs, criteria=[c.name for c in crits], stats=stats, meta=meta)
+
+
+def split_halves(n: int, *, seed: int = 0) -> list[int]:
+    """Group id (0 or 1) of each of ``n`` items: two disjoint random halves (seeded).
+
+    Examples:
+        >>> split_halves(4, seed=0).count(0)
+        2
+    """
+    if n < 4:
+        raise ValueError(f"Split-half stability needs at least 4 instructions, got {n}.")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    groups = [0] * n
+    for rank, i in enumerate(perm):
+        groups[i] = 0 if rank < n // 2 else 1
+    return groups
 
 
 def finish_directions(

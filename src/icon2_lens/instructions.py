@@ -1,8 +1,9 @@
 """Instruction sets: the built-in feature set and loading user instructions.
 
-The built-in feature set (``"default"``) holds 320 varied instructions written for this
-project (writing, coding, maths, advice, facts, planning, everyday tasks, other), interleaved
-so that any contiguous slice is varied.
+The package ships 320 varied instructions written for this project (writing, coding, maths,
+advice, facts, planning, everyday tasks, other), interleaved so that any contiguous slice is
+varied. They form three named sets: ``"default"`` (the feature set: the first 256),
+``"heldout"`` (the other 64, which the layer report reads as held-out stimuli) and ``"all"``.
 """
 
 from __future__ import annotations
@@ -15,21 +16,26 @@ from typing import Any, Iterable, Sequence
 __all__ = ["load_instructions", "builtin_instructions", "BUILTIN_SETS"]
 
 #: Names of the instruction sets shipped with the package.
-BUILTIN_SETS = ("default",)
-_FILES = {"default": "feature_instructions.txt"}
+BUILTIN_SETS = ("default", "heldout", "all")
+_FILE = "feature_instructions.txt"
+_N_FEATURE = 256  # size of the "default" feature set; the rest of the file is "heldout"
 
 
 def builtin_instructions(name: str = "default") -> list[str]:
     """The instructions of a built-in set.
 
+    Args:
+        name: ``"default"`` (256 feature instructions), ``"heldout"`` (64 others) or ``"all"``.
+
     Examples:
-        >>> len(builtin_instructions()) >= 256
-        True
+        >>> len(builtin_instructions()), len(builtin_instructions("heldout"))
+        (256, 64)
     """
-    if name not in _FILES:
+    if name not in BUILTIN_SETS:
         raise ValueError(f"Unknown built-in instruction set {name!r}; available: {list(BUILTIN_SETS)}.")
-    text = resources.files("icon2_lens").joinpath("data", _FILES[name]).read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    text = resources.files("icon2_lens").joinpath("data", _FILE).read_text(encoding="utf-8")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return {"default": lines[:_N_FEATURE], "heldout": lines[_N_FEATURE:], "all": lines}[name]
 
 
 def _from_jsonl(path: Path, column: str) -> list[str]:
@@ -60,7 +66,8 @@ def load_instructions(
     """Load instructions from a built-in set, a list, a TXT/JSONL file, or a ``datasets.Dataset``.
 
     Args:
-        source: ``"default"`` (built-in feature set), a list of strings, a ``.txt`` file (one per
+        source: a built-in set (``"default"``: the 256-instruction feature set; ``"heldout"``;
+            ``"all"``), a list of strings, a ``.txt`` file (one per
             line), a ``.jsonl`` file (objects with ``column``, or plain strings), a folder holding a
             saved ``datasets`` dataset, or a ``datasets.Dataset``.
         column: field to read from JSONL rows and datasets.
@@ -75,7 +82,7 @@ def load_instructions(
     """
     items: Iterable[Any]
     where: str
-    if isinstance(source, str) and source in _FILES:
+    if isinstance(source, str) and source in BUILTIN_SETS:
         items, where = builtin_instructions(source), f"built-in set {source!r}"
     elif isinstance(source, (str, Path)):
         path = Path(source).expanduser()

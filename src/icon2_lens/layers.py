@@ -21,16 +21,27 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 import yaml
 from jaxtyping import Float
 from torch import Tensor
 
+if TYPE_CHECKING:
+    import matplotlib.figure
+
 from .activations import read_last_token
 from .criteria import Criterion
-from .directions import DirectionSet, Method, finish_directions, accumulate_contrasts, cosine_per_layer, instruction_hash
+from .directions import (
+    DirectionSet,
+    Method,
+    accumulate_contrasts,
+    cosine_per_layer,
+    finish_directions,
+    instruction_hash,
+    split_halves,
+)
 from .files import atomic_write_text
 from .instructions import builtin_instructions, load_instructions
 from .models import LoadedModel
@@ -185,15 +196,20 @@ class LayerReport:
             d["stability"] = self.stability.tolist()
         return d
 
-    def plot(self, path: str | Path) -> Path:
-        """Write a PNG: one panel per measure, one line per criterion, suggested range shaded."""
-        import matplotlib
+    def figure(self) -> "matplotlib.figure.Figure":
+        """A matplotlib Figure: one panel per measure, one line per criterion, suggested range shaded.
 
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        Built without pyplot, so it neither changes the caller's backend nor registers a global
+        figure; in a notebook, display it with ``display(report.figure())`` or plain ``report.figure()``.
+
+        Examples:
+            >>> fig = report.figure()  # doctest: +SKIP
+        """
+        from matplotlib.figure import Figure
 
         panels = self._panels()
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), sharex=True)
+        fig = Figure(figsize=(4.2 * len(panels), 3.6))
+        axes = fig.subplots(1, len(panels), sharex=True, squeeze=False)[0]
         lo, hi = min(self.suggested_layers), max(self.suggested_layers)
         for ax, (title, data) in zip(axes, panels):
             ax.axvspan(lo - 0.5, hi + 0.5, color="0.9", zorder=0, label="suggested")
@@ -207,12 +223,22 @@ class LayerReport:
         axes[0].set_ylabel("separation (share of pairs ordered right)")
         axes[-1].legend(fontsize=8, loc="lower right")
         fig.tight_layout()
+        return fig
+
+    def plot(self, path: str | Path) -> Path:
+        """Write :meth:`figure` as a PNG (temp file, then rename) and return the path.
+
+        Examples:
+            >>> report.plot("runs/directions/layer_report.png")  # doctest: +SKIP
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        tmp.replace(path)
+        try:
+            self.figure().savefig(tmp, dpi=110)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
     def save(self, folder: str | Path) -> dict[str, Path]:
@@ -248,7 +274,8 @@ def _project(h: Float[Tensor, "n layer d_model"], u: Float[Tensor, "layer d_mode
 
 def _default_heldout(directions: DirectionSet, n: int) -> list[str]:
     used = set(directions.meta.get("instruction_hashes", []))
-    pool = [x for x in builtin_instructions() if instruction_hash(x) not in used]
+    # built-in "heldout" comes after "default" in "all": with the default feature set, these are the held-out 64
+    pool = [x for x in builtin_instructions("all") if instruction_hash(x) not in used]
     if not pool:
         raise ValueError(
             "Every built-in feature instruction was used for extraction, so none is held out; "
@@ -282,7 +309,9 @@ def layer_report(
         n_paraphrase_instructions: held-out instructions read under each paraphrase pair.
         response_pairs: ``{criterion: [(question, good, bad), ...]}`` (default: the built-in set).
         width: size of the suggested window (default: a third of the layers).
-        stability: optional split-half cosines from `split_half_stability`, kept in the report.
+        stability: optional split-half cosines from `split_half_stability`, kept in the report;
+            default: ``directions.stats["stability"]`` when the directions were extracted with
+            ``stability=True``.
 
     Examples:
         >>> report = il.layer_report(model, dirs)  # doctest: +SKIP
@@ -334,7 +363,7 @@ def layer_report(
     return LayerReport(
         criteria=list(directions.criteria), layers=directions.layers, heldout=result["a"],
         paraphrase=result["b"], response=result["c"], suggested_layers=suggested, counts=counts,
-        stability=stability,
+        stability=stability if stability is not None else directions.stats.get("stability"),
     )
 
 
@@ -370,13 +399,7 @@ def split_half_stability(
 
     crits = resolve_criteria(crit_list or None)
     instr = load_instructions(instructions)
-    if len(instr) < 4:
-        raise ValueError(f"Split-half stability needs at least 4 instructions, got {len(instr)}.")
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(instr), generator=gen).tolist()
-    groups = [0] * len(instr)
-    for rank, i in enumerate(perm):
-        groups[i] = 0 if rank < len(instr) // 2 else 1
+    groups = split_halves(len(instr), seed=seed)
     _, accs = accumulate_contrasts(model, crits, instr, hook=hook, layers=layers, batch_size=batch_size,
                                    groups=groups, progress=progress)
     va, _ = finish_directions(accs[0], method)

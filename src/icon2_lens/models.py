@@ -39,6 +39,8 @@ _FINGERPRINT_KEYS = (
     "num_key_value_heads",
     "vocab_size",
     "rope_theta",
+    "rope_parameters",  # transformers >= 5 keeps the RoPE base and scaling here
+    "rope_scaling",
     "rms_norm_eps",
     "layer_norm_eps",
     "hidden_act",
@@ -222,6 +224,8 @@ def _resolve_source(source: str | os.PathLike[str] | None) -> tuple[str, str, st
         return "embedded", str(folder), EMBEDDED_MODEL, "embedded"
     s = str(source)
     p = Path(s).expanduser()
+    if p.exists():
+        p = p.resolve()  # record local sources absolutely: hf_model() must work after a chdir
     if s.endswith(".gguf"):
         if not p.is_file():
             raise FileNotFoundError(f"GGUF file {p} does not exist; pass the path to an existing .gguf file.")
