@@ -133,3 +133,16 @@ def test_chat_template_argument_is_used(tiny_model_no_template_dir):
     assert il.render_chat(fixed.tokenizer, "Hi", system="S") == (
         "<s><|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     )
+
+
+def test_generation_model_shares_weights_and_matches_hf(tiny_model):
+    gen = tiny_model.generation_model()
+    assert gen is tiny_model.generation_model()  # made once per LoadedModel
+    bridge_ptrs = {p.data_ptr() for p in tiny_model.bridge.original_model.parameters()}
+    assert all(p.data_ptr() in bridge_ptrs for p in gen.parameters())  # no copy of the weights
+    assert not any(t.is_meta for t in [*gen.parameters(), *gen.buffers()])
+    ids = tiny_model.tokenizer("<|im_start|>user\nWrite a haiku.<|im_end|>\n", add_special_tokens=False,
+                               return_tensors="pt")["input_ids"]
+    fresh = tiny_model.hf_model()
+    with torch.inference_mode():
+        torch.testing.assert_close(gen(ids).logits, fresh(ids).logits, atol=1e-5, rtol=0)

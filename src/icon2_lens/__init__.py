@@ -7,6 +7,9 @@ The public surface::
     dirs = il.extract_directions(model, il.DEFAULT_CRITERIA, "default")
     report = il.layer_report(model, dirs); dirs = report.apply(dirs)
     dirs.save("out/directions"); dirs = il.DirectionSet.load("out/directions", model=model)
+    ds = il.synthesize_instructions(model, 512)               # Magpie-style, cleaned, with provenance
+    table = il.score_instructions(model, dirs, ds)            # consistency per criterion (Eq. 2/3)
+    kept = il.select_instructions(table, top_fraction=0.1)
 """
 
 from .activations import LastTokenReader, read_last_token
@@ -15,7 +18,9 @@ from .directions import DirectionSet, directions_from_activations, extract_direc
 from .instructions import builtin_instructions, load_instructions
 from .layers import LayerReport, layer_report, split_half_stability, suggest_layer_range
 from .models import LoadedModel, ModelInfo, load_model
-from .prompts import render_chat
+from .prompts import pre_query_template, render_chat
+from .scoring import score_instructions, select_instructions
+from .synthesis import synthesis_report, synthesize_instructions
 
 __version__ = "0.1.0"
 
@@ -35,7 +40,12 @@ __all__ = [
     "load_instructions",
     "load_model",
     "read_last_token",
+    "pre_query_template",
     "render_chat",
+    "score_instructions",
+    "select_instructions",
+    "synthesis_report",
+    "synthesize_instructions",
     "split_half_stability",
     "suggest_layer_range",
 ]

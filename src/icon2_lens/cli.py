@@ -79,7 +79,117 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None,
                    help="folder for layer_report.{md,json,png} (default: the directions folder)")
     p.set_defaults(func=_cmd_layers)
+    p = sub.add_parser("synthesize", help="let the model write instructions (Magpie-style) and clean them up")
+    _add_model_args(p)
+    p.add_argument("--n", required=True, type=int, help="number of generations (kept ones are fewer; see report.json)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="output folder: instructions.jsonl, dropped.jsonl, report.json, raw.jsonl; a rerun continues it")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=0.99)
+    p.add_argument("--max-new-tokens", type=int, default=96, help="budget per user turn (longer ones are dropped)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--system-prompt", default=None,
+                   help="system prompt before the user turn (default: whatever the template inserts by itself)")
+    p.add_argument("--min-words", type=int, default=3)
+    p.add_argument("--max-words", type=int, default=200)
+    p.add_argument("--near-duplicate-threshold", type=float, default=0.8,
+                   help="character 5-gram Jaccard similarity counted as a near duplicate (1.0: exact only)")
+    p.add_argument("--overwrite", action="store_true", help="discard an earlier run in --out instead of continuing it")
+    p.set_defaults(func=_cmd_synthesize, batch_size=16)
+
+    p = sub.add_parser("score", help="score instructions' inherent consistency with each criterion and select the best")
+    _add_model_args(p)
+    p.add_argument("--directions", required=True, type=Path, help="a DirectionSet folder from `extract`")
+    p.add_argument("--instructions", required=True,
+                   help="a `synthesize` output folder, a .txt/.jsonl file, or a saved datasets folder")
+    p.add_argument("--out", required=True, type=Path,
+                   help="output folder: scores.jsonl, selected.jsonl, consistency_hist.png, score_report.json")
+    p.add_argument("--layers", default="all", help="'all' (default), 'suggested', a range '10-19' or a list '3,5,7'")
+    p.add_argument("--standardize", action="store_true",
+                   help="z-score each layer's projection with the feature-set statistics before averaging")
+    p.add_argument("--render", default="chat", choices=["chat", "raw"],
+                   help="'chat' (user turn, no system message of our own) or 'raw' text")
+    rule = p.add_mutually_exclusive_group()
+    rule.add_argument("--top-fraction", type=float, default=None, help="keep this share (default 0.1)")
+    rule.add_argument("--top-k", type=int, default=None, help="keep the best K")
+    rule.add_argument("--threshold", type=float, default=None, help="keep consistency >= this")
+    p.add_argument("--balance-criteria", action="store_true", help="apply the rule within each assigned criterion")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=_cmd_score)
     return parser
+
+
+def _parse_layers(text: str) -> str | list[int]:
+    if text in ("all", "suggested"):
+        return text
+    try:
+        if "-" in text.strip("-") and "," not in text:
+            a, b = text.split("-")
+            return list(range(int(a), int(b) + 1))
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--layers {text!r}: use 'all', 'suggested', a range like '10-19' or a list like '3,5,7'.") from None
+
+
+def _cmd_synthesize(args: argparse.Namespace) -> list[Path]:
+    import json
+    import shutil
+
+    from .synthesis import synthesize_instructions, synthesis_report
+
+    if args.out.exists() and not args.out.is_dir():
+        raise FileExistsError(f"{args.out} exists and is a file; choose another output folder.")
+    if args.out.is_dir() and any(args.out.iterdir()) and not (args.out / "synthesis.json").is_file():
+        raise FileExistsError(f"Output folder {args.out} exists and holds no synthesis run; choose another folder "
+                              "(--overwrite only replaces an earlier synthesis run).")
+    if args.out.is_dir() and args.overwrite:
+        shutil.rmtree(args.out)
+    model = _load(args)
+    ds = synthesize_instructions(
+        model, args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, seed=args.seed, system_prompt=args.system_prompt, min_words=args.min_words,
+        max_words=args.max_words, near_duplicate_threshold=args.near_duplicate_threshold, out=args.out,
+        progress=not args.no_progress)
+    print(json.dumps(synthesis_report(ds), indent=2))
+    return [args.out / n for n in ("instructions.jsonl", "dropped.jsonl", "report.json", "raw.jsonl")]
+
+
+def _cmd_score(args: argparse.Namespace) -> list[Path]:
+    import json
+    from collections import Counter
+
+    from .directions import DirectionSet
+    from .files import atomic_folder, check_output_folder
+    from .instructions import load_instructions
+    from .scoring import consistency_histogram, score_instructions, select_instructions
+
+    check_output_folder(args.out, overwrite=args.overwrite)
+    layers = _parse_layers(args.layers)
+    dirs = DirectionSet.load(args.directions)
+    instructions = load_instructions(args.instructions)  # fail early on a bad file
+    model = _load(args)
+    table = score_instructions(model, dirs, instructions, layers=layers, standardize=args.standardize,
+                               render=args.render, batch_size=args.batch_size, progress=not args.no_progress)
+    selected = select_instructions(table, top_fraction=args.top_fraction, top_k=args.top_k, threshold=args.threshold,
+                                   balance_criteria=args.balance_criteria)
+    report = {
+        "settings": json.loads(table.info.description),
+        "selection": {"top_fraction": args.top_fraction, "top_k": args.top_k, "threshold": args.threshold,
+                      "balance_criteria": args.balance_criteria},
+        "scored": len(table),
+        "selected": len(selected),
+        "criterion_all": dict(Counter(table["criterion"])),
+        "criterion_selected": dict(Counter(selected["criterion"])),
+        "lowest_selected_consistency": min(selected["consistency"]),
+    }
+    names = ["scores.jsonl", "selected.jsonl", "consistency_hist.png", "score_report.json"]
+    with atomic_folder(args.out, overwrite=args.overwrite) as tmp:
+        table.to_json(tmp / names[0], lines=True)
+        selected.to_json(tmp / names[1], lines=True)
+        consistency_histogram(table, selected).savefig(tmp / names[2], dpi=110)
+        (tmp / names[3]).write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: report[k] for k in ("scored", "selected", "criterion_all", "criterion_selected")}, indent=2))
+    return [args.out / n for n in names]
 
 
 def _cmd_extract(args: argparse.Namespace) -> list[Path]:

@@ -68,8 +68,9 @@ def load_instructions(
     Args:
         source: a built-in set (``"default"``: the 256-instruction feature set; ``"heldout"``;
             ``"all"``), a list of strings, a ``.txt`` file (one per
-            line), a ``.jsonl`` file (objects with ``column``, or plain strings), a folder holding a
-            saved ``datasets`` dataset, or a ``datasets.Dataset``.
+            line), a ``.jsonl`` file (objects with ``column``, or plain strings), a ``synthesize``
+            output folder (its ``instructions.jsonl``), a folder holding a saved ``datasets``
+            dataset, or a ``datasets.Dataset``.
         column: field to read from JSONL rows and datasets.
         limit: keep only the first ``limit`` instructions.
 
@@ -87,7 +88,15 @@ def load_instructions(
     elif isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         where = str(path)
-        if path.is_dir():
+        if path.is_dir() and (path / "instructions.jsonl").is_file():  # a `synthesize` output folder
+            where = str(path / "instructions.jsonl")
+            items = _from_jsonl(path / "instructions.jsonl", column)
+        elif path.is_dir() and (path / "synthesis.json").is_file():
+            raise FileNotFoundError(
+                f"{path} is a synthesis run without instructions.jsonl yet (it was interrupted); rerun "
+                "`icon2-lens synthesize` with the same settings and --out to finish it."
+            )
+        elif path.is_dir():
             from datasets import load_from_disk
 
             items = _dataset_column(load_from_disk(str(path)), column, where)

@@ -1,0 +1,318 @@
+"""Inherent-consistency scoring and selection (METHOD.md section 3).
+
+Each instruction is read with no system prompt of its own (see `icon2_lens.prompts.scoring_texts`)
+and the last token's residual ``h^l`` is projected on every criterion's direction ``u_c^l``:
+
+    consistency(d, c) = mean over layers l of h^l . u_c^l              (paper's Eq. 2)
+    consistency(d)    = max over c;  criterion(d) = argmax over c       (Eq. 3)
+
+With ``standardize=True`` each layer's projection is z-scored with the feature set's projection
+mean and standard deviation stored in the `DirectionSet` before the mean over layers, so layers
+and criteria with larger residual norms do not dominate. The math is in pure functions
+(`project`, `consistency_scores`, `assign_criteria`), tested without a model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .activations import LastTokenReader, tokenize_texts
+from .directions import DirectionSet
+from .instructions import load_instructions
+from .models import LoadedModel
+from .prompts import Render, scoring_texts
+
+__all__ = [
+    "score_instructions",
+    "select_instructions",
+    "project",
+    "consistency_scores",
+    "assign_criteria",
+    "scoring_layers",
+    "consistency_histogram",
+    "DEFAULT_TOP_FRACTION",
+]
+
+#: Share kept by `select_instructions` when no rule is given (the paper kept ~100K of 1M).
+DEFAULT_TOP_FRACTION = 0.1
+
+
+def project(
+    h: Float[Tensor, "batch layer d_model"], vectors: Float[Tensor, "criterion layer d_model"]
+) -> Float[Tensor, "batch criterion layer"]:
+    """Per-layer projection ``h^l . u_c^l`` of each row on each criterion's directions.
+
+    Examples:
+        >>> project(torch.ones(2, 3, 4), torch.ones(1, 3, 4)).shape
+        torch.Size([2, 1, 3])
+    """
+    return torch.einsum("bld,cld->bcl", h.float(), vectors.float())
+
+
+def consistency_scores(
+    proj: Float[Tensor, "batch criterion layer"],
+    *,
+    mean: Float[Tensor, "criterion layer"] | None = None,
+    std: Float[Tensor, "criterion layer"] | None = None,
+) -> Float[Tensor, "batch criterion"]:
+    """Eq. 2: the mean over layers of the projections, optionally z-scored per layer first.
+
+    Examples:
+        >>> consistency_scores(torch.tensor([[[1.0, 3.0]]]))
+        tensor([[2.]])
+        >>> consistency_scores(torch.tensor([[[1.0, 3.0]]]), mean=torch.tensor([[1.0, 1.0]]), std=torch.tensor([[1.0, 2.0]]))
+        tensor([[0.5000]])
+    """
+    if (mean is None) != (std is None):
+        raise ValueError("Pass both mean and std to standardise, or neither.")
+    if mean is not None and std is not None:
+        if (std <= 0).any():
+            raise ValueError("Standardisation needs positive projection std at every selected layer.")
+        proj = (proj - mean) / std
+    return proj.mean(-1)
+
+
+def assign_criteria(scores: Float[Tensor, "batch criterion"]) -> tuple[Float[Tensor, " batch"], Int[Tensor, " batch"]]:
+    """Eq. 3: ``(consistency, criterion index)`` = max and argmax over criteria (first on ties).
+
+    Examples:
+        >>> assign_criteria(torch.tensor([[0.1, 0.4], [0.3, -1.0]]))
+        (tensor([0.4000, 0.3000]), tensor([1, 0]))
+    """
+    best, idx = scores.max(dim=-1)
+    return best, idx
+
+
+def scoring_layers(directions: DirectionSet, layers: Literal["all", "suggested"] | Sequence[int] | range) -> list[int]:
+    """Resolve a layer choice to model layer ids present in ``directions``.
+
+    ``"all"``: every layer of the set (the paper's Eq. 2); ``"suggested"``: the range the layer report
+    recorded; or explicit layer ids.
+
+    Examples:
+        >>> scoring_layers(dirs, "all")  # doctest: +SKIP
+        [0, 1, ..., 29]
+    """
+    if layers == "all":
+        return list(directions.layers)
+    if layers == "suggested":
+        if not directions.suggested_layers:
+            raise ValueError("These directions have no suggested layers yet; run `icon2-lens layers` (or "
+                             "layer_report(...).apply(dirs)) first, or pass layers='all' or a list.")
+        return list(directions.suggested_layers)
+    if isinstance(layers, str):
+        raise ValueError(f"Unknown layers {layers!r}; use 'all', 'suggested' or a list of layer ids.")
+    out = list(layers)
+    missing = [x for x in out if x not in directions.layers]
+    if not out or missing:
+        raise ValueError(f"Layers {missing or out} are not in the directions (which have {list(directions.layers)}).")
+    return out
+
+
+def score_instructions(
+    model: LoadedModel,
+    directions: DirectionSet,
+    instructions: Sequence[str] | str | Path | Any,
+    *,
+    layers: Literal["all", "suggested"] | Sequence[int] | range = "all",
+    standardize: bool = False,
+    render: Render = "chat",
+    system_prompt: str | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> "datasets.Dataset":  # noqa: F821
+    """Score each instruction's inherent consistency with every criterion (Eq. 2/3).
+
+    Args:
+        model: from `icon2_lens.load_model`; must match the model the directions came from.
+        directions: a `DirectionSet`; its hook is the one read.
+        instructions: a list, a TXT/JSONL file, a ``synthesize`` output folder, or a ``datasets.Dataset``
+            (see `icon2_lens.load_instructions`).
+        layers: ``"all"`` (default, as the paper), ``"suggested"`` or layer ids.
+        standardize: z-score each layer's projection with the feature-set statistics stored in
+            ``directions`` (``proj_mean``, ``proj_std``) before averaging.
+        render: ``"chat"`` (default: the instruction as a user turn, ending at the assistant-turn
+            start, no system message of our own; SmolLM2's template inserts its default system
+            prompt there) or ``"raw"`` (the bare text). See `icon2_lens.prompts.scoring_texts`.
+        system_prompt: replace the template's default system message (``render="chat"`` only).
+        batch_size: prompts per forward pass. Memory is one chunk of ``32 * batch_size`` prompts plus
+            ``n x criterion`` scores: flat in the number of instructions.
+        progress: show a progress bar.
+
+    Returns:
+        A ``datasets.Dataset`` with ``instruction``, ``score_<criterion>`` per criterion,
+        ``consistency`` (the max) and ``criterion`` (the argmax's name), in input order. The settings
+        (layers, standardize, render, model) are in ``ds.info.description`` as JSON.
+
+    Examples:
+        >>> table = il.score_instructions(model, dirs, ["Write a poem.", "Explain DNS."])  # doctest: +SKIP
+        >>> table.column_names  # doctest: +SKIP
+        ['instruction', 'score_general', 'score_helpful', 'score_honest', 'score_harmless', 'consistency', 'criterion']
+    """
+    from datasets import Dataset, DatasetInfo
+
+    directions.check_compatible(model)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    layer_ids = scoring_layers(directions, layers)
+    instr = load_instructions(instructions)
+    cols = [directions.layers.index(x) for x in layer_ids]
+    vecs = directions.vectors[:, cols]
+    mean = std = None
+    if standardize:
+        mean, std = directions.stats["proj_mean"][:, cols], directions.stats["proj_std"][:, cols]
+    scores = torch.empty(len(instr), len(directions.criteria))
+    chunk = 32 * batch_size
+    with LastTokenReader(model, hook=directions.hook, layers=layer_ids) as reader, \
+            tqdm(total=len(instr), desc="scoring", unit="instr", disable=not progress) as bar:
+        for c0 in range(0, len(instr), chunk):
+            ids = tokenize_texts(model, scoring_texts(model.tokenizer, instr[c0:c0 + chunk], render=render,
+                                                      system_prompt=system_prompt))
+            order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # less padding per batch
+            for b0 in range(0, len(order), batch_size):
+                rows = order[b0:b0 + batch_size]
+                h = reader.read([ids[i] for i in rows])
+                scores[[c0 + i for i in rows]] = consistency_scores(project(h, vecs), mean=mean, std=std)
+                bar.update(len(rows))
+    best, idx = assign_criteria(scores)
+    table: dict[str, list[Any]] = {"instruction": instr}
+    for ci, name in enumerate(directions.criteria):
+        table[f"score_{name}"] = scores[:, ci].tolist()
+    table["consistency"] = best.tolist()
+    table["criterion"] = [directions.criteria[i] for i in idx.tolist()]
+    settings = {"layers": layer_ids, "standardize": standardize, "render": render, "system_prompt": system_prompt,
+                "hook": directions.hook, "model": model.info.model_id, "criteria": list(directions.criteria)}
+    return Dataset.from_dict(table, info=DatasetInfo(description=json.dumps(settings)))
+
+
+def select_instructions(
+    table: "datasets.Dataset",  # noqa: F821
+    *,
+    top_fraction: float | None = None,
+    top_k: int | None = None,
+    threshold: float | None = None,
+    balance_criteria: bool = False,
+) -> "datasets.Dataset":  # noqa: F821
+    """Keep the most consistent instructions of a `score_instructions` table.
+
+    Give at most one rule; with none, the top ``DEFAULT_TOP_FRACTION`` (10%, as the paper) is kept.
+
+    Args:
+        table: from `score_instructions` (needs ``consistency`` and ``criterion``).
+        top_fraction: keep the best ``ceil(fraction * n)`` rows, ``0 < fraction <= 1``.
+        top_k: keep the best ``k`` rows.
+        threshold: keep rows with ``consistency >= threshold``.
+        balance_criteria: apply ``top_fraction`` / ``top_k`` within each assigned criterion so that
+            every criterion is represented: ``top_k`` is split evenly across criteria, and a criterion
+            with fewer rows than its share passes the rest to the others; not with ``threshold``.
+
+    Returns:
+        The kept rows, best first (ties keep input order), with all columns of ``table``. Raises
+        ``ValueError`` when nothing would be kept.
+
+    Examples:
+        >>> sel = il.select_instructions(table, top_fraction=0.1)  # doctest: +SKIP
+    """
+    given = {k: v for k, v in {"top_fraction": top_fraction, "top_k": top_k, "threshold": threshold}.items()
+             if v is not None}
+    if len(given) > 1:
+        raise ValueError(f"Give one selection rule, not {sorted(given)}: top_fraction, top_k or threshold.")
+    if not given:
+        top_fraction = DEFAULT_TOP_FRACTION
+    missing = {"consistency", "criterion"} - set(table.column_names)
+    if missing:
+        raise ValueError(f"The table lacks {sorted(missing)}; pass the output of score_instructions.")
+    n = len(table)
+    if n == 0:
+        raise ValueError("The score table is empty; score at least one instruction first.")
+    if top_fraction is not None and not 0 < top_fraction <= 1:
+        raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}.")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
+    if balance_criteria and threshold is not None:
+        raise ValueError("balance_criteria works with top_fraction or top_k, not with a threshold.")
+    cons = table["consistency"]
+    crit = table["criterion"]
+    ranked = sorted(range(n), key=lambda i: -cons[i])  # stable: ties keep input order
+    if threshold is not None:
+        keep = [i for i in ranked if cons[i] >= threshold]
+        if not keep:
+            raise ValueError(f"No instruction reaches consistency >= {threshold} (the highest is {max(cons):.4g}); "
+                             "lower the threshold or use top_fraction / top_k.")
+    elif not balance_criteria:
+        k = top_k if top_k is not None else math.ceil(top_fraction * n)  # type: ignore[operator]
+        keep = ranked[:k]
+    else:
+        groups = sorted(set(crit), key=crit.index)
+        members = {g: [i for i in ranked if crit[i] == g] for g in groups}
+        if top_k is not None:
+            quota = _balanced_quotas({g: len(members[g]) for g in groups}, int(top_k))
+        else:
+            quota = {g: math.ceil(top_fraction * len(members[g])) for g in groups}  # type: ignore[operator]
+        keep = sorted((i for g in groups for i in members[g][:quota[g]]), key=lambda i: -cons[i])
+    return table.select(keep)
+
+
+def _balanced_quotas(sizes: dict[str, int], k: int) -> dict[str, int]:
+    """Split ``k`` as evenly as possible over groups; a group too small to fill its share passes the rest on."""
+    quota = {g: 0 for g in sizes}
+    left = min(k, sum(sizes.values()))
+    while left:
+        open_groups = [g for g in sizes if quota[g] < sizes[g]]
+        share, extra = divmod(left, len(open_groups))
+        for gi, g in enumerate(open_groups):
+            add = min(share + (1 if gi < extra else 0), sizes[g] - quota[g])
+            quota[g] += add
+            left -= add
+    return quota
+
+
+def consistency_histogram(
+    table: "datasets.Dataset",  # noqa: F821
+    selected: "datasets.Dataset | None" = None,  # noqa: F821
+    *,
+    bins: int = 30,
+) -> "matplotlib.figure.Figure":  # noqa: F821
+    """One panel per criterion: consistency of the rows assigned to it, the selection cut drawn.
+
+    The cut of a panel is the lowest consistency among the selected rows of that criterion (with a
+    global rule it is the same line in every panel). Built without pyplot (no global state).
+
+    Examples:
+        >>> consistency_histogram(table, il.select_instructions(table)).savefig("hist.png")  # doctest: +SKIP
+    """
+    from matplotlib.figure import Figure
+
+    crit = table["criterion"]
+    cons = table["consistency"]
+    names = json.loads(table.info.description or "{}").get("criteria") or sorted(set(crit), key=crit.index)
+    fig = Figure(figsize=(3.6 * len(names), 3.0))
+    axes = fig.subplots(1, len(names), squeeze=False, sharey=True)[0]
+    lo, hi = min(cons), max(cons)
+    edges = torch.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1, dtype=torch.float64).tolist()
+    edges[0], edges[-1] = lo, max(hi, edges[-1])  # exact ends: every row falls in a bin
+    sel_cons: dict[str, list[float]] = {}
+    if selected is not None:
+        for c, v in zip(selected["criterion"], selected["consistency"]):
+            sel_cons.setdefault(c, []).append(v)
+    for ax, name in zip(axes, names):
+        vals = [v for c, v in zip(crit, cons) if c == name]
+        ax.hist(vals, bins=edges, color="tab:blue", alpha=0.8)
+        if name in sel_cons:
+            ax.axvline(min(sel_cons[name]), color="tab:red", ls="--", lw=1.2,
+                       label=f"kept: {len(sel_cons[name])}")
+            ax.legend(fontsize=8)
+        ax.set_title(f"{name} (n={len(vals)})")
+        ax.set_xlabel("consistency")
+    axes[0].set_ylabel("instructions")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,400 @@
+"""Magpie-style instruction synthesis: the model writes the user turn itself (METHOD.md section 2).
+
+The chat template is cut where the user's words go (`icon2_lens.prompts.pre_query_template`,
+keeping any default system prompt the template inserts), the model samples the user turn until
+its end-of-turn token, and a clean-up pass drops what is not a usable instruction, each drop with
+a reason (`DROP_REASONS`). Generation is in batches of the same prefix (no padding) and, with an
+output folder, resumable: raw generations are appended batch by batch to ``raw.jsonl`` and a rerun
+continues after the last complete batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .files import atomic_write_text
+from .models import LoadedModel
+from .prompts import PreQuery, pre_query_template
+
+__all__ = ["synthesize_instructions", "clean_generations", "synthesis_report", "DROP_REASONS", "normalize_text"]
+
+#: Why a generation is dropped, in the order the rules are applied.
+DROP_REASONS = (
+    "truncated",  # no end-of-turn token within max_new_tokens
+    "empty",
+    "template_debris",  # chat-template markup or role headers in the text
+    "too_short",
+    "too_long",
+    "not_instruction",  # the model answering / greeting / introducing itself instead of asking
+    "duplicate",  # same text after normalisation as an earlier kept one
+    "near_duplicate",  # character 5-gram Jaccard similarity >= threshold with an earlier kept one
+)
+
+_ROLE_HEADER = re.compile(r"^\s*(user|assistant|system|human|ai|bot|model)\s*[:\n]", re.IGNORECASE)
+_MARKUP = re.compile(r"<\|[^|>]{1,40}\|>|<(start|end)_of_turn>|\[/?INST\]|<</?SYS>>|</?s>")
+# Heuristics for "the model answered instead of asking"; every drop is listed with its reason in
+# dropped.jsonl, so a user can audit what these rules remove.
+_ANSWER_START = re.compile(
+    r"^\s*(sure[!,.]|certainly[!,.]|of course[!,.]|absolutely[!,.]|here(?:'s| is| are) (?:a|an|some|your)\b|"
+    r"i(?:'m| am) (?:sorry|happy to|glad to|an ai|a language model|smollm)|as an ai\b|great question\b|"
+    r"thank(?:s| you) for (?:your|the) question\b|thanks for asking\b|"
+    r"i(?:'d| would) be (?:happy|glad) to\b|how (?:can|may) i (?:help|assist)\b|the answer is\b)",
+    re.IGNORECASE,
+)
+_ANSWER_ANYWHERE = re.compile(
+    r"how (?:can|may) i (?:help|assist) you|as an ai(?: language)? model|my name is smollm|i(?:'m| am) smollm|"
+    r"i(?:'m| am) an ai assistant|named smollm",
+    re.IGNORECASE,
+)
+_NON_WORD = re.compile(r"[^\w]+", re.UNICODE)
+
+
+def normalize_text(text: str) -> str:
+    """Lower-case, punctuation dropped, whitespace collapsed (the key of exact-duplicate detection).
+
+    Examples:
+        >>> normalize_text("  Write a POEM, please! ")
+        'write a poem please'
+    """
+    return " ".join(_NON_WORD.sub(" ", text.lower()).split())
+
+
+def _shingles(norm: str, k: int = 5) -> frozenset[str]:
+    s = f" {norm} "
+    return frozenset(s[i:i + k] for i in range(max(1, len(s) - k + 1)))
+
+
+def _drop_reason(text: str, finished: bool, *, min_words: int, max_words: int, special: Sequence[str]) -> str | None:
+    if not finished:
+        return "truncated"
+    if not text:
+        return "empty"
+    if any(tok and tok in text for tok in special) or _MARKUP.search(text) or _ROLE_HEADER.match(text):
+        return "template_debris"
+    n_words = len(text.split())
+    if n_words < min_words:
+        return "too_short"
+    if n_words > max_words:
+        return "too_long"
+    if _ANSWER_START.match(text) or _ANSWER_ANYWHERE.search(text):
+        return "not_instruction"
+    return None
+
+
+def clean_generations(
+    rows: Iterable[dict[str, Any]],
+    *,
+    min_words: int = 3,
+    max_words: int = 200,
+    near_duplicate_threshold: float = 0.8,
+    special_tokens: Sequence[str] = (),
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split raw generations into kept instructions and dropped ones, each drop with a reason.
+
+    Args:
+        rows: dicts with ``raw`` (the generated user turn, decoded with special tokens, cut before
+            the end-of-turn token) and ``finished`` (whether the end-of-turn token came). Other keys
+            are carried over.
+        min_words, max_words: length limits in whitespace-separated words.
+        near_duplicate_threshold: Jaccard similarity of character 5-gram sets at or above which a
+            text counts as a near duplicate of an earlier kept one (1.0 disables near-duplicate
+            detection beyond exact duplicates).
+        special_tokens: strings whose presence marks template debris (the tokenizer's special tokens).
+
+    Returns:
+        ``(kept, dropped)``: kept rows gain ``instruction`` (the stripped text); dropped rows gain
+        ``instruction`` and ``drop_reason`` (one of `DROP_REASONS`) and, for duplicates, ``duplicate_of``
+        (the ``index`` or position of the kept row they repeat). Order is preserved; the first of
+        several duplicates is kept.
+
+    Examples:
+        >>> kept, dropped = clean_generations([
+        ...     {"raw": "Write a haiku about rain.", "finished": True},
+        ...     {"raw": "write a haiku about RAIN!", "finished": True},
+        ...     {"raw": "Sure! Here is a haiku.", "finished": True}])
+        >>> [r["instruction"] for r in kept], [r["drop_reason"] for r in dropped]
+        (['Write a haiku about rain.'], ['duplicate', 'not_instruction'])
+    """
+    if min_words < 1 or max_words < min_words:
+        raise ValueError(f"Need 1 <= min_words <= max_words, got min_words={min_words}, max_words={max_words}.")
+    if not 0.0 < near_duplicate_threshold <= 1.0:
+        raise ValueError(f"near_duplicate_threshold must be in (0, 1], got {near_duplicate_threshold}.")
+    kept: list[dict[str, Any]] = []
+    dropped: list[dict[str, Any]] = []
+    seen: dict[str, Any] = {}
+    kept_shingles: list[frozenset[str]] = []
+    kept_ids: list[Any] = []
+    postings: dict[str, list[int]] = defaultdict(list)
+    for pos, row in enumerate(rows):
+        text = str(row.get("raw", "")).strip()
+        out = {**row, "instruction": text}
+        rid = row.get("index", pos)
+        reason = _drop_reason(text, bool(row.get("finished", True)), min_words=min_words, max_words=max_words,
+                              special=special_tokens)
+        norm = normalize_text(text)
+        if reason is None and norm in seen:
+            reason, out["duplicate_of"] = "duplicate", seen[norm]
+        sh = _shingles(norm) if reason is None else frozenset()
+        if reason is None and near_duplicate_threshold < 1.0:
+            shared: Counter[int] = Counter()
+            for g in sh:
+                shared.update(postings.get(g, ()))
+            for j, inter in shared.items():
+                if inter / (len(sh) + len(kept_shingles[j]) - inter) >= near_duplicate_threshold:
+                    reason, out["duplicate_of"] = "near_duplicate", kept_ids[j]
+                    break
+        if reason is not None:
+            out["drop_reason"] = reason
+            dropped.append(out)
+            continue
+        seen[norm] = rid
+        j = len(kept_shingles)
+        kept_shingles.append(sh)
+        kept_ids.append(rid)
+        for g in sh:
+            postings[g].append(j)
+        kept.append(out)
+    return kept, dropped
+
+
+def _batch_seed(seed: int, batch: int) -> int:
+    return int(hashlib.sha256(f"{seed}:{batch}".encode()).hexdigest()[:12], 16)
+
+
+def _generate_batch(
+    model: LoadedModel,
+    pq: PreQuery,
+    prefix_ids: list[int],
+    size: int,
+    *,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """Sample ``size`` user turns after the same prefix (no padding needed); RNG state is restored."""
+    tok = model.tokenizer
+    hf = model.generation_model()
+    device = model.device
+    input_ids = torch.tensor([prefix_ids] * size, dtype=torch.long, device=device)
+    stop = sorted({pq.end_of_turn_id} | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else stop[0]
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.inference_mode():
+        torch.manual_seed(seed)
+        out = hf.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=0,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stop,
+            pad_token_id=pad_id,
+        )
+    rows = []
+    for seq in out[:, len(prefix_ids):].tolist():
+        cut = next((i for i, t in enumerate(seq) if t in stop), None)
+        body = seq if cut is None else seq[:cut]
+        rows.append({
+            "raw": tok.decode(body, skip_special_tokens=False),
+            "finished": cut is not None,
+            "n_tokens": len(body) + (cut is not None),
+        })
+    return rows
+
+
+def _read_raw(path: Path, batch_size: int) -> list[dict[str, Any]]:
+    """Rows of complete batches in ``raw.jsonl``; a torn last line or partial batch is cut off the file."""
+    if not path.is_file():
+        return []
+    good: list[dict[str, Any]] = []
+    ends: list[int] = [0]  # byte offset after each good line
+    with path.open("rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            try:
+                good.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+            ends.append(ends[-1] + len(line))
+    n_complete = (len(good) // batch_size) * batch_size
+    if ends[n_complete] != path.stat().st_size:  # torn line or partial batch from an interrupted run
+        with path.open("r+b") as f:
+            f.truncate(ends[n_complete])
+    return good[:n_complete]
+
+
+def synthesize_instructions(
+    model: LoadedModel,
+    n: int,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 0.99,
+    max_new_tokens: int = 96,
+    batch_size: int = 16,
+    seed: int = 0,
+    system_prompt: str | None = None,
+    min_words: int = 3,
+    max_words: int = 200,
+    near_duplicate_threshold: float = 0.8,
+    out: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> "datasets.Dataset":  # noqa: F821
+    """Let the model write ``n`` user turns and keep the usable ones.
+
+    Args:
+        model: from `icon2_lens.load_model`; sampling runs HF ``generate`` on
+            `LoadedModel.generation_model` (the bridge's weights, HF's fast path; nothing hooked).
+        n: number of generations (the kept count is smaller; see the report).
+        temperature, top_p: sampling settings (Magpie: 1.0 and 0.99); ``top_k`` is off.
+        max_new_tokens: budget for one user turn; a turn without end-of-turn token within it is
+            dropped as ``truncated``.
+        batch_size: generations per batch (all share the prefix, so there is no padding).
+        seed: batch ``b`` samples with a seed derived from ``(seed, b)``; the caller's RNG state is
+            restored afterwards. Same seed and settings, same output.
+        system_prompt: ``None`` keeps whatever the template renders without a system message
+            (SmolLM2 inserts its default one); a string replaces it.
+        min_words, max_words, near_duplicate_threshold: clean-up rules (`clean_generations`).
+        out: a folder to make the run resumable: raw generations are appended to ``raw.jsonl`` after
+            every batch, and a rerun with the same settings continues after the last complete
+            batch (a larger ``n`` extends the run). At the end ``instructions.jsonl`` (kept),
+            ``dropped.jsonl`` (with reasons) and ``report.json`` are written atomically.
+        progress: show a progress bar.
+
+    Returns:
+        A ``datasets.Dataset`` of kept instructions with provenance columns ``instruction``, ``raw``,
+        ``index``, ``seed`` (the batch's seed), ``n_tokens``, ``temperature``, ``top_p``,
+        ``max_new_tokens``, ``system_prompt``, ``model``. The counts (generated, kept, dropped per
+        reason, duplicate share, speed) are in ``synthesis_report(ds)``.
+
+    Examples:
+        >>> ds = il.synthesize_instructions(model, 64, seed=0)  # doctest: +SKIP
+        >>> il.synthesis_report(ds)["kept"]  # doctest: +SKIP
+        41
+    """
+    from datasets import Dataset, DatasetInfo
+
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise ValueError(f"n must be a positive number of generations, got {n!r}.")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be positive, got {batch_size} and {max_new_tokens}.")
+    if not temperature > 0 or not 0 < top_p <= 1:
+        raise ValueError(f"Need temperature > 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}.")
+    clean_kwargs = dict(min_words=min_words, max_words=max_words, near_duplicate_threshold=near_duplicate_threshold)
+    clean_generations([], **clean_kwargs)  # validate the clean-up options before the slow part
+    pq = pre_query_template(model.tokenizer, system_prompt=system_prompt)
+    prefix_ids = model.tokenizer(pq.prefix, add_special_tokens=False)["input_ids"]
+    settings = {
+        "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+        "seed": seed, "system_prompt": system_prompt, "prefix": pq.prefix, "model": model.info.model_id,
+        "fingerprint": model.info.fingerprint,
+    }
+    raw_path = None
+    rows: list[dict[str, Any]] = []
+    if out is not None:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        raw_path = folder / "raw.jsonl"
+        settings_path = folder / "synthesis.json"
+        if settings_path.is_file():
+            old = json.loads(settings_path.read_text())
+            diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+            if diff:
+                raise ValueError(
+                    f"{folder} holds a synthesis run with other settings ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
+                    "rerun with the same settings to continue it, or choose another output folder (CLI: or --overwrite)."
+                )
+        elif raw_path.exists():
+            raise ValueError(f"{raw_path} exists without synthesis.json; choose another output folder.")
+        else:
+            atomic_write_text(settings_path, json.dumps(settings, indent=2))
+        rows = _read_raw(raw_path, batch_size)
+    n_batches = -(-n // batch_size)
+    start = time.perf_counter()
+    with tqdm(total=n, initial=min(len(rows), n), desc="synthesizing", unit="instr", disable=not progress) as bar:
+        for b in range(len(rows) // batch_size, n_batches):
+            t0 = time.perf_counter()
+            s = _batch_seed(seed, b)
+            new = _generate_batch(model, pq, prefix_ids, batch_size, temperature=temperature, top_p=top_p,
+                                  max_new_tokens=max_new_tokens, seed=s)
+            secs = (time.perf_counter() - t0) / len(new)
+            for i, r in enumerate(new):
+                r.update(index=b * batch_size + i, batch=b, seed=s, seconds=secs)
+            if raw_path is not None:
+                with raw_path.open("a", encoding="utf-8") as f:
+                    f.write("".join(json.dumps(r) + "\n" for r in new))
+                    f.flush()
+                    os.fsync(f.fileno())
+            rows.extend(new)
+            bar.update(min(len(new), n - bar.n))
+    rows = rows[:n]
+    special = [t for t in model.tokenizer.all_special_tokens if t]
+    kept, dropped = clean_generations(rows, special_tokens=special, **clean_kwargs)
+    report = _report(rows, kept, dropped, wall=time.perf_counter() - start)
+    provenance = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
+                  "system_prompt": system_prompt, "model": model.info.model_id}
+    cols = ["instruction", "raw", "index", "seed", "n_tokens"]
+    table = {c: [r[c] for r in kept] for c in cols}
+    table.update({k: [v] * len(kept) for k, v in provenance.items()})
+    ds = Dataset.from_dict(table, info=DatasetInfo(description=json.dumps(report)))
+    if out is not None:
+        folder = Path(out)
+        atomic_write_text(folder / "instructions.jsonl", "".join(json.dumps(r) + "\n" for r in ds))
+        drop_cols = [*cols, "drop_reason", "duplicate_of", "finished"]
+        atomic_write_text(folder / "dropped.jsonl", "".join(
+            json.dumps({c: r.get(c) for c in drop_cols}) + "\n" for r in dropped))
+        atomic_write_text(folder / "report.json", json.dumps(report, indent=2))
+    return ds
+
+
+def _report(rows: list[dict[str, Any]], kept: list[dict[str, Any]], dropped: list[dict[str, Any]], *,
+            wall: float) -> dict[str, Any]:
+    reasons = Counter(r["drop_reason"] for r in dropped)
+    gen_seconds = sum(float(r.get("seconds", 0.0)) for r in rows)
+    n = len(rows)
+    return {
+        "generated": n,
+        "kept": len(kept),
+        "kept_share": len(kept) / n if n else 0.0,
+        "dropped": {k: reasons.get(k, 0) for k in DROP_REASONS},
+        "duplicate_share": (reasons["duplicate"] + reasons["near_duplicate"]) / n if n else 0.0,
+        "generated_tokens": sum(int(r.get("n_tokens", 0)) for r in rows),
+        "generation_seconds": gen_seconds,
+        "generated_per_second": n / gen_seconds if gen_seconds else None,
+        "kept_per_second": len(kept) / gen_seconds if gen_seconds else None,
+        "wall_seconds_this_call": wall,
+    }
+
+
+def synthesis_report(ds: "datasets.Dataset") -> dict[str, Any]:  # noqa: F821
+    """The counts `synthesize_instructions` attached to its dataset.
+
+    Keys: ``generated``, ``kept``, ``kept_share``, ``dropped`` (count per reason in `DROP_REASONS`),
+    ``duplicate_share``, ``generated_tokens``, ``generation_seconds``, ``generated_per_second``,
+    ``kept_per_second``.
+
+    Examples:
+        >>> synthesis_report(ds)["dropped"]["duplicate"]  # doctest: +SKIP
+        12
+    """
+    try:
+        report = json.loads(ds.info.description or "")
+    except (json.JSONDecodeError, AttributeError):
+        report = None
+    if not isinstance(report, dict) or "generated" not in report:
+        raise ValueError("This dataset carries no synthesis report; it was not made by synthesize_instructions "
+                         "(a reloaded instructions.jsonl has it beside it in report.json).")
+    return report
