@@ -33,13 +33,10 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")  # peers draw progress bars; read by tqdm at import
 
 import argparse
-import gc
 import json
 import platform
 import statistics
-import subprocess
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -49,6 +46,12 @@ import torch
 
 import icon2_lens as il
 from icon2_lens.prompts import stimulus_texts
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, left_pad, peak_rss_of, run_child, timed, write_result  # noqa: E402
+
+_PACKAGES = ("icon2-lens", "torch", "transformers", "transformer-lens", "steering-vectors", "repeng", "scikit-learn",
+             "numpy")
 
 GOALS = {"vs_hf": 1.05, "vs_peer": 1.0, "memory": 1.2}
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "extraction.json"
@@ -94,16 +97,6 @@ def run_icon2(model: il.LoadedModel, criteria, instructions, batch_size: int, me
     return dirs.vectors
 
 
-def _left_pad(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
-        mask[i, width - len(x):] = 1
-    return input_ids, mask
-
-
 def run_hf(forward: Callable[..., Any], tokenizer: Any, stimuli: list[dict], n_layers: int, batch_size: int,
            method: str) -> torch.Tensor:
     """The yardstick: plain HF forward passes over icon2_lens's batches, plus the direction math.
@@ -122,7 +115,7 @@ def run_hf(forward: Callable[..., Any], tokenizer: Any, stimuli: list[dict], n_l
         diffs: torch.Tensor | None = None
         for start in range(0, len(order), pairs):
             idx = order[start:start + pairs]
-            input_ids, mask = _left_pad([pos[i] for i in idx] + [neg[i] for i in idx], pad_id)
+            input_ids, mask = left_pad([pos[i] for i in idx] + [neg[i] for i in idx], pad_id)
             position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
             with torch.inference_mode():
                 res = forward(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
@@ -170,63 +163,26 @@ def run_repeng(hf: Any, tokenizer: Any, stimuli: list[dict], n_layers: int, batc
 # ---------------------------------------------------------------------------------------------
 # memory child
 # ---------------------------------------------------------------------------------------------
-def _rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
 def memory_child(n: int, batch_size: int, method: str) -> None:
     """Load the model, then report the peak RSS of one extraction on ``n`` instructions (JSON line)."""
     model = il.load_model()
     instructions = il.builtin_instructions()[:n]
     if len(instructions) < n:
         raise SystemExit(f"only {len(instructions)} built-in instructions; asked for {n}")
-    gc.collect()
-    time.sleep(0.2)
-    baseline = _rss()
-    peak = baseline
-    stop = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not stop.is_set():
-            peak = max(peak, _rss())
-            stop.wait(0.005)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    t0 = time.perf_counter()
-    il.extract_directions(model, il.DEFAULT_CRITERIA, instructions, batch_size=batch_size, method=method,
-                          progress=False)
-    secs = time.perf_counter() - t0
-    stop.set()
-    t.join()
-    peak = max(peak, _rss())
-    print("MEMORY_RESULT " + json.dumps({"n_instructions": n, "baseline_rss": baseline, "peak_rss": peak,
-                                          "peak_delta": peak - baseline, "seconds": secs}), flush=True)
+    res = peak_rss_of(lambda: il.extract_directions(model, il.DEFAULT_CRITERIA, instructions, batch_size=batch_size,
+                                                     method=method, progress=False))
+    print("MEMORY_RESULT " + json.dumps({"n_instructions": n, **res}), flush=True)
 
 
 def measure_memory(n: int, batch_size: int, method: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", str(n), "--batch-size", str(batch_size),
            "--method", method]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("MEMORY_RESULT "):
-            return json.loads(line.split(" ", 1)[1])
-    raise RuntimeError(f"memory child for n={n} failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
+    return run_child(cmd)
 
 
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
-def _time(fn: Callable[[], Any]) -> tuple[float, Any]:
-    gc.collect()
-    t0 = time.perf_counter()
-    res = fn()
-    return time.perf_counter() - t0, res
-
-
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """|cosine| per criterion and layer (sign conventions of peers may differ)."""
     return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).abs()
@@ -306,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if name in errors:
                 continue
             try:
-                secs, vecs = _time(fn)
+                secs, vecs = timed(fn)
             except Exception as exc:
                 errors[name] = f"{type(exc).__name__}: {exc}"
                 print(f"[{name}] failed, left out: {errors[name]}", flush=True)
@@ -413,26 +369,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "environment": {"python": platform.python_version(), "platform": platform.platform(),
                         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                         "load_avg_start": load_at_start, "load_avg_end": os.getloadavg(),
-                        "versions": _versions()},
+                        "versions": environment(_PACKAGES)["versions"]},
         "total_seconds": total,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_result(args.json, result)
     return 0
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("icon2-lens", "torch", "transformers", "transformer-lens", "steering-vectors", "repeng",
-                "scikit-learn", "numpy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
 
 
 if __name__ == "__main__":

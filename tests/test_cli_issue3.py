@@ -154,7 +154,7 @@ def test_score_writes_outputs(tiny_model, tiny_model_dir, dirs_dir, to_score, tm
 
     scores = [json.loads(x) for x in _lines(out / "scores.jsonl")]
     assert [r["instruction"] for r in scores] == TO_SCORE
-    ref = il.score_instructions(tiny_model, il.DirectionSet.load(dirs_dir), TO_SCORE, progress=False)
+    ref = il.score_instructions(tiny_model, il.DirectionSet.load(dirs_dir), TO_SCORE, progress=False)  # standardised
     for r, want in zip(scores, ref):
         assert list(r) == ["instruction", "score_helpful", "score_honest", "consistency", "criterion"]
         assert r["score_helpful"] == pytest.approx(want["score_helpful"], abs=1e-5)
@@ -188,10 +188,10 @@ def test_score_default_selection_and_options(tiny_model_dir, dirs_dir, to_score,
     assert _score(tiny_model_dir, dirs_dir, to_score, out) == 0
     assert len(_lines(out / "selected.jsonl")) == 1  # ceil(10% of 6)
     out = tmp_path / "o2"
-    assert _score(tiny_model_dir, dirs_dir, to_score, out, "--standardize", "--render", "raw",
+    assert _score(tiny_model_dir, dirs_dir, to_score, out, "--no-standardize", "--render", "raw",
                   "--threshold=-1e9", "--batch-size", "2") == 0
     report = json.loads((out / "score_report.json").read_text())
-    assert report["settings"]["standardize"] is True and report["settings"]["render"] == "raw"
+    assert report["settings"]["standardize"] is False and report["settings"]["render"] == "raw"
     assert report["selected"] == 6
 
 

@@ -93,3 +93,47 @@ def test_response_pairs_separate_for_helpful(smol, instructions):
     upper = report.response[0, 10:]
     assert (upper > 0.5).any(), report.table()
     assert upper[5:].mean() > 0.6, report.table()  # layers 15-29: ~0.85 measured
+
+
+# ---- issue 3: synthesis and scoring on the real model --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synthesized(smol, tmp_path_factory):
+    out = tmp_path_factory.mktemp("syn")
+    ds = il.synthesize_instructions(smol, 16, batch_size=8, max_new_tokens=64, seed=0, out=out, progress=False)
+    return ds, out
+
+
+def test_synthesis_gives_clean_distinct_instructions(smol, synthesized):
+    from icon2_lens.synthesis import normalize_text
+
+    ds, out = synthesized
+    report = il.synthesis_report(ds)
+    assert report["generated"] == 16 and report["kept"] == len(ds) > 0
+    assert report["kept"] + sum(report["dropped"].values()) == 16
+    texts = ds["instruction"]
+    assert len({normalize_text(t) for t in texts}) == len(texts)  # de-duplicated
+    special = [t for t in smol.tokenizer.all_special_tokens if t]
+    for t in texts:
+        assert t == t.strip() and len(t.split()) >= 3
+        assert not any(s in t for s in special), t  # no template debris
+        assert "<|" not in t and not t.lower().startswith(("assistant", "user", "system")), t
+    # the pre-query template kept SmolLM2's default system prompt
+    assert "SmolLM" in il.pre_query_template(smol.tokenizer).prefix
+    assert len(il.load_instructions(out)) == len(ds)  # the output folder loads as an instruction source
+
+
+def test_scoring_runs_and_is_deterministic(smol, synthesized, instructions):
+    ds, _ = synthesized
+    dirs = il.extract_directions(smol, ["helpful", "honest"], instructions[:8], batch_size=16, progress=False)
+    a = il.score_instructions(smol, dirs, ds, batch_size=8, progress=False)
+    b = il.score_instructions(smol, dirs, ds, batch_size=3, progress=False)
+    assert a["instruction"] == ds["instruction"]
+    for col in ("score_helpful", "score_honest", "consistency"):
+        torch.testing.assert_close(torch.tensor(a[col]), torch.tensor(b[col]), atol=1e-4, rtol=1e-5)
+    assert set(a["criterion"]) <= {"helpful", "honest"}
+    z = il.score_instructions(smol, dirs, ds, standardize=True, batch_size=8, progress=False)
+    assert z["consistency"] != a["consistency"]
+    top = il.select_instructions(a, top_k=2)
+    assert len(top) == 2 and top["consistency"][0] == max(a["consistency"])

@@ -40,7 +40,7 @@ def dirs(tiny_model):
 
 @pytest.fixture(scope="module")
 def table(tiny_model, dirs):
-    return il.score_instructions(tiny_model, dirs, TO_SCORE, progress=False)
+    return il.score_instructions(tiny_model, dirs, TO_SCORE, standardize=False, progress=False)  # raw Eq. 2
 
 
 def _direct(model, dirs, texts, layers=None):
@@ -151,6 +151,7 @@ def test_score_columns_and_values(tiny_model, dirs, table):
 
 def test_score_standardized(tiny_model, dirs):
     t = il.score_instructions(tiny_model, dirs, TO_SCORE, standardize=True, progress=False)
+    assert il.score_instructions(tiny_model, dirs, TO_SCORE, progress=False).to_list() == t.to_list()  # the default
     p = _direct(tiny_model, dirs, scoring_texts(tiny_model.tokenizer, TO_SCORE))
     mean, std = dirs.stats["proj_mean"], dirs.stats["proj_std"]
     want = ((p - mean) / std).mean(-1)
@@ -160,10 +161,10 @@ def test_score_standardized(tiny_model, dirs):
 
 
 def test_score_batch_size_and_determinism(tiny_model, dirs, table):
-    one = il.score_instructions(tiny_model, dirs, TO_SCORE, batch_size=1, progress=False)
+    one = il.score_instructions(tiny_model, dirs, TO_SCORE, batch_size=1, standardize=False, progress=False)
     torch.testing.assert_close(_scores(one, dirs.criteria), _scores(table, dirs.criteria), atol=1e-5, rtol=0)
     assert list(one["criterion"]) == list(table["criterion"])
-    again = il.score_instructions(tiny_model, dirs, TO_SCORE, progress=False)
+    again = il.score_instructions(tiny_model, dirs, TO_SCORE, standardize=False, progress=False)
     assert again.to_list() == table.to_list()
     with pytest.raises(ValueError, match="batch_size"):
         il.score_instructions(tiny_model, dirs, TO_SCORE, batch_size=0, progress=False)
@@ -172,13 +173,13 @@ def test_score_batch_size_and_determinism(tiny_model, dirs, table):
 def test_score_layers(tiny_model, dirs, table):
     with pytest.raises(ValueError, match="suggested"):
         il.score_instructions(tiny_model, dirs, TO_SCORE, layers="suggested", progress=False)
-    sub = il.score_instructions(tiny_model, dirs, TO_SCORE, layers=[0, 2], progress=False)
+    sub = il.score_instructions(tiny_model, dirs, TO_SCORE, layers=[0, 2], standardize=False, progress=False)
     p = _direct(tiny_model, dirs, scoring_texts(tiny_model.tokenizer, TO_SCORE), layers=[0, 2])
     torch.testing.assert_close(_scores(sub, dirs.criteria), p.mean(-1), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(_scores(sub, dirs.criteria), _scores(table, dirs.criteria))
     assert json.loads(sub.info.description)["layers"] == [0, 2]
     sug = il.score_instructions(tiny_model, dirs.with_meta(suggested_layers=[0, 2]), TO_SCORE, layers="suggested",
-                                progress=False)
+                                standardize=False, progress=False)
     assert sug.to_list() == sub.to_list()
     # standardisation picks the statistics of the chosen layers
     z = il.score_instructions(tiny_model, dirs, TO_SCORE, layers=[0, 2], standardize=True, progress=False)
@@ -189,7 +190,7 @@ def test_score_layers(tiny_model, dirs, table):
 
 
 def test_score_render(tiny_model, dirs, table):
-    raw = il.score_instructions(tiny_model, dirs, TO_SCORE, render="raw", progress=False)
+    raw = il.score_instructions(tiny_model, dirs, TO_SCORE, render="raw", standardize=False, progress=False)
     assert not torch.allclose(_scores(raw, dirs.criteria), _scores(table, dirs.criteria))
     texts = scoring_texts(tiny_model.tokenizer, TO_SCORE, render="raw")
     assert texts[0] == "<s>" + TO_SCORE[0]  # the BOS the tokenizer adds, once
@@ -200,7 +201,7 @@ def test_score_render(tiny_model, dirs, table):
         il.score_instructions(tiny_model, dirs, TO_SCORE, render="raw", system_prompt="Be kind.", progress=False)
     with pytest.raises(ValueError, match="render"):
         il.score_instructions(tiny_model, dirs, TO_SCORE, render="html", progress=False)
-    sys_t = il.score_instructions(tiny_model, dirs, TO_SCORE, system_prompt="Be kind.", progress=False)
+    sys_t = il.score_instructions(tiny_model, dirs, TO_SCORE, system_prompt="Be kind.", standardize=False, progress=False)
     texts = [render_chat(tiny_model.tokenizer, x, system="Be kind.") for x in TO_SCORE]
     torch.testing.assert_close(_scores(sys_t, dirs.criteria), _direct(tiny_model, dirs, texts).mean(-1),
                                atol=1e-5, rtol=1e-5)
@@ -226,19 +227,19 @@ def test_score_accepts_dataset_and_synthesis_folder(tiny_model, dirs, table, tmp
     from datasets import Dataset
 
     ds = Dataset.from_dict({"id": list(range(len(TO_SCORE))), "instruction": TO_SCORE})
-    assert il.score_instructions(tiny_model, dirs, ds, progress=False).to_list() == table.to_list()
+    assert il.score_instructions(tiny_model, dirs, ds, standardize=False, progress=False).to_list() == table.to_list()
     folder = tmp_path / "synth"
     folder.mkdir()
     (folder / "instructions.jsonl").write_text(
         "".join(json.dumps({"instruction": x, "raw": " " + x, "index": i}) + "\n" for i, x in enumerate(TO_SCORE)))
     (folder / "raw.jsonl").write_text('{"raw": "not read", "finished": false}\n')
-    assert il.score_instructions(tiny_model, dirs, folder, progress=False).to_list() == table.to_list()
+    assert il.score_instructions(tiny_model, dirs, folder, standardize=False, progress=False).to_list() == table.to_list()
 
 
 def test_score_chunks_larger_than_one(tiny_model, dirs):
     """Instructions beyond one chunk (32 x batch_size) land in their own rows."""
     many = [f"Question number {i}: what is {i} plus {i}?" for i in range(40)]
-    t = il.score_instructions(tiny_model, dirs, many, batch_size=1, progress=False)
+    t = il.score_instructions(tiny_model, dirs, many, batch_size=1, standardize=False, progress=False)
     p = _direct(tiny_model, dirs, scoring_texts(tiny_model.tokenizer, many))
     torch.testing.assert_close(_scores(t, dirs.criteria), p.mean(-1), atol=1e-5, rtol=1e-5)
 

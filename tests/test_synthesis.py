@@ -544,3 +544,12 @@ def test_synthesis_report_needs_a_synthesis_dataset():
 
     with pytest.raises(ValueError, match="no synthesis report"):
         synthesis_report(Dataset.from_dict({"instruction": ["x"]}))
+
+
+def test_clean_apology_from_a_user_is_kept():
+    # measured on SmolLM2 (n=512): a user turn starting "I'm sorry for ..." was dropped by a too-broad rule
+    user = "I'm sorry for my lack of detail regarding the Proclamation of 1842. Please describe what it entails."
+    assistant = "I'm sorry, but I can't help with that request."
+    kept, dropped = _reasons([_g(user), _g(assistant)])
+    assert kept == [user]
+    assert dropped == [(assistant, "not_instruction")]

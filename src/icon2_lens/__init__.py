@@ -10,6 +10,8 @@ The public surface::
     ds = il.synthesize_instructions(model, 512)               # Magpie-style, cleaned, with provenance
     table = il.score_instructions(model, dirs, ds)            # consistency per criterion (Eq. 2/3)
     kept = il.select_instructions(table, top_fraction=0.1)
+    pairs = il.generate_pairs(model, dirs, kept)              # chosen +gamma*u, rejected -gamma*u, one batch
+    with il.steer(model, dirs, "helpful", 0.1): ...            # hooks removed on exit
 """
 
 from .activations import LastTokenReader, read_last_token
@@ -18,27 +20,41 @@ from .directions import DirectionSet, directions_from_activations, extract_direc
 from .instructions import builtin_instructions, load_instructions
 from .layers import LayerReport, layer_report, split_half_stability, suggest_layer_range
 from .models import LoadedModel, ModelInfo, load_model
+from .calibration import CalibrationResult, calibrate_gamma, load_gammas
+from .evaluation import PairwiseJudge, ProbeScorer, RewardModelScorer, pair_report
+from .pairs import generate_pairs, generate_steered
 from .prompts import pre_query_template, render_chat
 from .scoring import score_instructions, select_instructions
+from .steering import Steering, steer
 from .synthesis import synthesis_report, synthesize_instructions
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CalibrationResult",
     "DEFAULT_CRITERIA",
     "Criterion",
     "DirectionSet",
     "LastTokenReader",
     "LayerReport",
     "LoadedModel",
+    "PairwiseJudge",
+    "ProbeScorer",
+    "RewardModelScorer",
+    "Steering",
     "ModelInfo",
     "builtin_instructions",
+    "calibrate_gamma",
     "directions_from_activations",
     "extract_directions",
+    "generate_pairs",
+    "generate_steered",
     "layer_report",
     "load_criteria",
+    "load_gammas",
     "load_instructions",
     "load_model",
+    "pair_report",
     "read_last_token",
     "pre_query_template",
     "render_chat",
@@ -47,5 +63,6 @@ __all__ = [
     "synthesis_report",
     "synthesize_instructions",
     "split_half_stability",
+    "steer",
     "suggest_layer_range",
 ]

@@ -105,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path,
                    help="output folder: scores.jsonl, selected.jsonl, consistency_hist.png, score_report.json")
     p.add_argument("--layers", default="all", help="'all' (default), 'suggested', a range '10-19' or a list '3,5,7'")
-    p.add_argument("--standardize", action="store_true",
-                   help="z-score each layer's projection with the feature-set statistics before averaging")
+    p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=True,
+                   help="z-score each layer's projection with the feature-set statistics before averaging "
+                        "(default); --no-standardize: the paper's raw Eq. 2")
     p.add_argument("--render", default="chat", choices=["chat", "raw"],
                    help="'chat' (user turn, no system message of our own) or 'raw' text")
     rule = p.add_mutually_exclusive_group()
@@ -116,7 +117,124 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--balance-criteria", action="store_true", help="apply the rule within each assigned criterion")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("generate", help="bidirectional steered generation into DPO preference pairs")
+    _add_model_args(p)
+    _add_steering_args(p)
+    p.add_argument("--gamma-pos", type=float, default=None, help="chosen-side strength (default: --gammas or built-in)")
+    p.add_argument("--gamma-neg", type=float, default=None, help="rejected-side strength (default: --gammas or built-in)")
+    p.add_argument("--gammas", type=Path, default=None, help="gammas.yaml (or its folder) written by `calibrate`")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--path", default="hf", choices=["hf", "bridge"], help="fast HF path (default) or the bridge")
+    p.add_argument("--overwrite", action="store_true", help="discard an earlier run in --out instead of continuing it")
+    p.set_defaults(func=_cmd_generate, batch_size=8)
+
+    p = sub.add_parser("calibrate", help="sweep gamma+ / gamma- and pick them by the paper's rule")
+    _add_model_args(p)
+    _add_steering_args(p)
+    p.add_argument("--n", type=int, default=32, help="instructions in the sweep (the first N of the table)")
+    p.add_argument("--gammas-pos", default="0.02,0.05,0.1,0.2", help="comma-separated grid of gamma+")
+    p.add_argument("--gammas-neg", default="-0.02,-0.05,-0.1,-0.2", help="comma-separated grid of gamma-")
+    p.add_argument("--scorer", default="probe",
+                   help="'probe' (default: the model's own reading along the direction), 'judge' (the model as a "
+                        "pairwise judge, both orders), or a local HF reward-model folder")
+    p.add_argument("--win-threshold", type=float, default=0.9)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=_cmd_calibrate, batch_size=16)
     return parser
+
+
+def _add_steering_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--directions", required=True, type=Path, help="a DirectionSet folder from `extract`")
+    p.add_argument("--instructions", required=True,
+                   help="a `score` output folder (its selected.jsonl) or a JSONL file with instruction and criterion")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--layers", default="suggested", help="'suggested' (default), 'all', '15-24' or '3,5,7'")
+    p.add_argument("--scale", default="relative", choices=["relative", "unit"])
+    p.add_argument("--positions", default="all", choices=["all", "generated"])
+    p.add_argument("--criterion", default=None, help="steer every instruction along this criterion")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--repetition-penalty", type=float, default=1.1)
+
+
+def _steering_layers(args: argparse.Namespace, dirs):  # noqa: ANN001, ANN202
+    from .scoring import scoring_layers
+
+    spec = _parse_layers(args.layers)
+    return scoring_layers(dirs, spec)  # type: ignore[arg-type]
+
+
+def _cmd_generate(args: argparse.Namespace) -> list[Path]:
+    import json
+    import shutil
+
+    from .calibration import load_gammas
+    from .directions import DirectionSet
+    from .pairs import DEFAULT_GAMMA_NEG, DEFAULT_GAMMA_POS, _table_rows, generate_pairs
+
+    if args.out.exists() and not args.out.is_dir():
+        raise FileExistsError(f"{args.out} exists and is a file; choose another output folder.")
+    if args.out.is_dir() and any(args.out.iterdir()) and not (args.out / "generation.json").is_file():
+        raise FileExistsError(f"Output folder {args.out} exists and holds no generation run; choose another folder.")
+    dirs = DirectionSet.load(args.directions)
+    layers = _steering_layers(args, dirs)
+    cfg = load_gammas(args.gammas) if args.gammas is not None else {}
+    gamma_pos = args.gamma_pos if args.gamma_pos is not None else cfg.get("gamma_pos", DEFAULT_GAMMA_POS)
+    gamma_neg = args.gamma_neg if args.gamma_neg is not None else cfg.get("gamma_neg", DEFAULT_GAMMA_NEG)
+    table = _table_rows(args.instructions, args.criterion, dirs)  # fail early on a bad table
+    if args.out.is_dir() and args.overwrite:
+        shutil.rmtree(args.out)
+    model = _load(args)
+    pairs = generate_pairs(
+        model, dirs, table, gamma_pos=gamma_pos, gamma_neg=gamma_neg, layers=layers, scale=args.scale,
+        positions=args.positions, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+        temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+        batch_size=args.batch_size, seed=args.seed, path=args.path, out=args.out, progress=not args.no_progress)
+    from .evaluation import ProbeScorer, pair_report
+    from .files import atomic_write_text
+
+    report = pair_report(pairs, scorer=ProbeScorer(model, dirs, layers=layers))
+    atomic_write_text(args.out / "report.json", json.dumps(report, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=2))
+    return [args.out / "pairs.jsonl", args.out / "generation.json", args.out / "report.json"]
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> list[Path]:
+    from .calibration import calibrate_gamma
+    from .directions import DirectionSet
+    from .files import check_output_folder
+    from .pairs import _table_rows
+
+    check_output_folder(args.out, overwrite=args.overwrite)
+    dirs = DirectionSet.load(args.directions)
+    layers = _steering_layers(args, dirs)
+    try:
+        gp = [float(x) for x in args.gammas_pos.split(",") if x.strip()]
+        gn = [float(x) for x in args.gammas_neg.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError("--gammas-pos/--gammas-neg must be comma-separated numbers, e.g. 0.05,0.1") from None
+    table = _table_rows(args.instructions, args.criterion, dirs)
+    model = _load(args)
+    if args.scorer == "probe":
+        scorer = None
+    elif args.scorer == "judge":
+        from .evaluation import PairwiseJudge
+
+        scorer = PairwiseJudge(model)
+    else:
+        from .evaluation import RewardModelScorer
+
+        scorer = RewardModelScorer(args.scorer, device=args.device, local_files_only=not args.allow_download)
+    result = calibrate_gamma(
+        model, dirs, table, n=args.n, gammas_pos=gp, gammas_neg=gn, scorer=scorer, win_threshold=args.win_threshold,
+        layers=layers, scale=args.scale, positions=args.positions, criterion=args.criterion,
+        max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty, batch_size=args.batch_size,
+        progress=not args.no_progress)
+    print(result.table())
+    return list(result.save(args.out).values())
 
 
 def _parse_layers(text: str) -> str | list[int]:

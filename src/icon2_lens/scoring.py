@@ -6,9 +6,12 @@ and the last token's residual ``h^l`` is projected on every criterion's directio
     consistency(d, c) = mean over layers l of h^l . u_c^l              (paper's Eq. 2)
     consistency(d)    = max over c;  criterion(d) = argmax over c       (Eq. 3)
 
-With ``standardize=True`` each layer's projection is z-scored with the feature set's projection
-mean and standard deviation stored in the `DirectionSet` before the mean over layers, so layers
-and criteria with larger residual norms do not dominate. The math is in pure functions
+By default (``standardize=True``) each layer's projection is z-scored with the feature set's
+projection mean and standard deviation stored in the `DirectionSet` before the mean over layers,
+so layers and criteria with larger norms or offsets do not dominate; ``standardize=False`` is the
+paper's Eq. 2 literally. On SmolLM2 the raw scores of the four criteria differ in their means by
+more than their spread across instructions, so the raw argmax picks *harmless* for 88% of the
+instructions whatever they say (docs: Synthesis and filtering, measured). The math is in pure functions
 (`project`, `consistency_scores`, `assign_criteria`), tested without a model.
 """
 
@@ -18,7 +21,7 @@ import json
 import math
 import numbers
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -30,6 +33,10 @@ from .directions import DirectionSet
 from .instructions import load_instructions
 from .models import LoadedModel
 from .prompts import Render, scoring_texts
+
+if TYPE_CHECKING:
+    import datasets
+    import matplotlib.figure
 
 __all__ = [
     "score_instructions",
@@ -124,12 +131,12 @@ def score_instructions(
     instructions: Sequence[str] | str | Path | Any,
     *,
     layers: Literal["all", "suggested"] | Sequence[int] | range = "all",
-    standardize: bool = False,
+    standardize: bool = True,
     render: Render = "chat",
     system_prompt: str | None = None,
     batch_size: int = 32,
     progress: bool = True,
-) -> "datasets.Dataset":  # noqa: F821
+) -> "datasets.Dataset":
     """Score each instruction's inherent consistency with every criterion (Eq. 2/3).
 
     Args:
@@ -139,7 +146,8 @@ def score_instructions(
             (see `icon2_lens.load_instructions`).
         layers: ``"all"`` (default, as the paper), ``"suggested"`` or layer ids.
         standardize: z-score each layer's projection with the feature-set statistics stored in
-            ``directions`` (``proj_mean``, ``proj_std``) before averaging.
+            ``directions`` (``proj_mean``, ``proj_std``) before averaging (default). ``False``: the
+            paper's raw Eq. 2, whose argmax is dominated by per-criterion offsets on SmolLM2.
         render: ``"chat"`` (default: the instruction as a user turn, ending at the assistant-turn
             start, no system message of our own; SmolLM2's template inserts its default system
             prompt there) or ``"raw"`` (the bare text). See `icon2_lens.prompts.scoring_texts`.
@@ -195,13 +203,13 @@ def score_instructions(
 
 
 def select_instructions(
-    table: "datasets.Dataset",  # noqa: F821
+    table: "datasets.Dataset",
     *,
     top_fraction: float | None = None,
     top_k: int | None = None,
     threshold: float | None = None,
     balance_criteria: bool = False,
-) -> "datasets.Dataset":  # noqa: F821
+) -> "datasets.Dataset":
     """Keep the most consistent instructions of a `score_instructions` table.
 
     Give at most one rule; with none, the top ``DEFAULT_TOP_FRACTION`` (10%, as the paper) is kept.
@@ -277,11 +285,11 @@ def _balanced_quotas(sizes: dict[str, int], k: int) -> dict[str, int]:
 
 
 def consistency_histogram(
-    table: "datasets.Dataset",  # noqa: F821
-    selected: "datasets.Dataset | None" = None,  # noqa: F821
+    table: "datasets.Dataset",
+    selected: "datasets.Dataset | None" = None,
     *,
     bins: int = 30,
-) -> "matplotlib.figure.Figure":  # noqa: F821
+) -> "matplotlib.figure.Figure":
     """One panel per criterion: consistency of the rows assigned to it, the selection cut drawn.
 
     The cut of a panel is the lowest consistency among the selected rows of that criterion (with a

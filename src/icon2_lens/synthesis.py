@@ -17,14 +17,17 @@ import re
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .files import atomic_write_text
+from .files import append_jsonl, atomic_write_text, read_jsonl_resumable
 from .models import LoadedModel
 from .prompts import PreQuery, pre_query_template
+
+if TYPE_CHECKING:
+    import datasets
 
 __all__ = ["synthesize_instructions", "clean_generations", "synthesis_report", "DROP_REASONS", "normalize_text"]
 
@@ -46,7 +49,7 @@ _MARKUP = re.compile(r"<\|[^|>]{1,40}\|>|<(start|end)_of_turn>|\[/?INST\]|<</?SY
 # dropped.jsonl, so a user can audit what these rules remove.
 _ANSWER_START = re.compile(
     r"^\s*(sure[!,.]|certainly[!,.]|of course[!,.]|absolutely[!,.]|here(?:'s| is| are) (?:a|an|some|your)\b|"
-    r"i(?:'m| am) (?:sorry|happy to|glad to|an ai|a language model|smollm)|as an ai\b|great question\b|"
+    r"i(?:'m| am) (?:sorry,? (?:but|i)\b|happy to|glad to|an ai|a language model|smollm)|as an ai\b|great question\b|"
     r"thank(?:s| you) for (?:your|the) question\b|thanks for asking\b|"
     r"i(?:'d| would) be (?:happy|glad) to\b|how (?:can|may) i (?:help|assist)\b|the answer is\b)",
     re.IGNORECASE,
@@ -215,28 +218,6 @@ def _generate_batch(
     return rows
 
 
-def _read_raw(path: Path, batch_size: int) -> list[dict[str, Any]]:
-    """Rows of complete batches in ``raw.jsonl``; a torn last line or partial batch is cut off the file."""
-    if not path.is_file():
-        return []
-    good: list[dict[str, Any]] = []
-    ends: list[int] = [0]  # byte offset after each good line
-    with path.open("rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break
-            try:
-                good.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-            ends.append(ends[-1] + len(line))
-    n_complete = (len(good) // batch_size) * batch_size
-    if ends[n_complete] != path.stat().st_size:  # torn line or partial batch from an interrupted run
-        with path.open("r+b") as f:
-            f.truncate(ends[n_complete])
-    return good[:n_complete]
-
-
 def synthesize_instructions(
     model: LoadedModel,
     n: int,
@@ -252,7 +233,7 @@ def synthesize_instructions(
     near_duplicate_threshold: float = 0.8,
     out: str | os.PathLike[str] | None = None,
     progress: bool = True,
-) -> "datasets.Dataset":  # noqa: F821
+) -> "datasets.Dataset":
     """Let the model write ``n`` user turns and keep the usable ones.
 
     Args:
@@ -321,7 +302,7 @@ def synthesize_instructions(
             raise ValueError(f"{raw_path} exists without synthesis.json; choose another output folder.")
         else:
             atomic_write_text(settings_path, json.dumps(settings, indent=2))
-        rows = _read_raw(raw_path, batch_size)
+        rows = read_jsonl_resumable(raw_path, unit=batch_size)
     n_batches = -(-n // batch_size)
     start = time.perf_counter()
     with tqdm(total=n, initial=min(len(rows), n), desc="synthesizing", unit="instr", disable=not progress) as bar:
@@ -334,10 +315,7 @@ def synthesize_instructions(
             for i, r in enumerate(new):
                 r.update(index=b * batch_size + i, batch=b, seed=s, seconds=secs)
             if raw_path is not None:
-                with raw_path.open("a", encoding="utf-8") as f:
-                    f.write("".join(json.dumps(r) + "\n" for r in new))
-                    f.flush()
-                    os.fsync(f.fileno())
+                append_jsonl(raw_path, new)
             rows.extend(new)
             bar.update(min(len(new), n - bar.n))
     rows = rows[:n]
@@ -379,7 +357,7 @@ def _report(rows: list[dict[str, Any]], kept: list[dict[str, Any]], dropped: lis
     }
 
 
-def synthesis_report(ds: "datasets.Dataset") -> dict[str, Any]:  # noqa: F821
+def synthesis_report(ds: "datasets.Dataset") -> dict[str, Any]:
     """The counts `synthesize_instructions` attached to its dataset.
 
     Keys: ``generated``, ``kept``, ``kept_share``, ``dropped`` (count per reason in `DROP_REASONS`),

@@ -1,0 +1,292 @@
+"""Choosing the steering strengths gamma+ and gamma- (the paper's App. J rule, METHOD.md section 4).
+
+On ``n`` instructions, every gamma of the grid (``gammas_pos`` and ``gammas_neg``) generates one
+response per instruction (all in mixed batches with per-row gammas). A scorer scores them; a
+response that degenerates (`icon2_lens.evaluation.is_degenerate`) gets the lowest score seen in the
+sweep, and a pair with a degenerate side counts as a loss. Then:
+
+1. gamma+ = the one with the highest mean score;
+2. gamma- = among those whose pairs (gamma+, gamma-) have chosen > rejected in more than
+   ``win_threshold`` (0.9) of the instructions, the one with the highest mean score (the smallest
+   reliable gap: large gaps invite reward hacking). If none passes, the one with the highest win
+   share, with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import yaml
+from tqdm.auto import tqdm
+
+from .directions import DirectionSet
+from .evaluation import ProbeScorer, Scorer, _is_pairwise, distinct_n, is_degenerate
+from .files import atomic_write_text
+from .models import LoadedModel
+from .pairs import DEFAULT_DECODING, _table_rows, generate_steered
+from .prompts import render_chat
+from .steering import Positions, Scale
+
+if TYPE_CHECKING:
+    import matplotlib.figure
+
+__all__ = ["calibrate_gamma", "CalibrationResult", "DEFAULT_GAMMAS_POS", "DEFAULT_GAMMAS_NEG", "load_gammas"]
+
+#: The default grid (``scale="relative"``: fractions of the layer's mean residual norm).
+DEFAULT_GAMMAS_POS = (0.02, 0.05, 0.1, 0.2)
+DEFAULT_GAMMAS_NEG = (-0.02, -0.05, -0.1, -0.2)
+#: Share of degenerate responses at a gamma above which calibration warns that it breaks fluency.
+FLUENCY_WARNING_SHARE = 0.25
+
+
+@dataclass
+class CalibrationResult:
+    """The sweep and the chosen strengths.
+
+    Attributes:
+        gamma_pos, gamma_neg: the chosen strengths.
+        per_gamma: one dict per gamma: ``gamma``, ``mean_score``, ``degenerate_share``, ``distinct2``, ``n``.
+        pairs: one dict per (gamma+, gamma-): ``gamma_pos``, ``gamma_neg``, ``win_share``.
+        settings: scorer, layers, scale, decoding, n, win threshold.
+        examples: a few (instruction, gamma, response) rows.
+    """
+
+    gamma_pos: float
+    gamma_neg: float
+    per_gamma: list[dict[str, Any]]
+    pairs: list[dict[str, Any]]
+    settings: dict[str, Any]
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+    def table(self) -> str:
+        """Markdown: mean score etc. per gamma, then the win-share matrix (rows gamma+, columns gamma-)."""
+        lines = ["| gamma | side | mean score | degenerate | distinct-2 |", "|---|---|---|---|---|"]
+        for r in self.per_gamma:
+            mark = " *" if r["gamma"] in (self.gamma_pos, self.gamma_neg) else ""
+            side = "+" if r["gamma"] > 0 else "-" if r["gamma"] < 0 else "0"
+            lines.append(f"| {r['gamma']:g}{mark} | {side} | {r['mean_score']:.3f} | {r['degenerate_share']:.2f} | "
+                         f"{r['distinct2']:.2f} |")
+        gn = sorted({p["gamma_neg"] for p in self.pairs}, reverse=True)
+        gp = sorted({p["gamma_pos"] for p in self.pairs})
+        win = {(p["gamma_pos"], p["gamma_neg"]): p["win_share"] for p in self.pairs}
+        lines += ["", "share of pairs with chosen > rejected (rows gamma+, columns gamma-):", "",
+                  "| gamma+ \\ gamma- | " + " | ".join(f"{g:g}" for g in gn) + " |", "|---" * (len(gn) + 1) + "|"]
+        for p in gp:
+            cells = [f"**{win[(p, n)]:.2f}**" if (p, n) == (self.gamma_pos, self.gamma_neg) else f"{win[(p, n)]:.2f}"
+                     for n in gn]
+            lines.append(f"| {p:g} | " + " | ".join(cells) + " |")
+        lines.append(f"\nchosen: gamma+ = {self.gamma_pos:g}, gamma- = {self.gamma_neg:g} "
+                     f"(scorer {self.settings['scorer']}, win threshold {self.settings['win_threshold']})")
+        return "\n".join(lines)
+
+    def figure(self) -> "matplotlib.figure.Figure":
+        """Mean score and degenerate share per gamma; win share per gamma- for the chosen gamma+."""
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(10, 3.4))
+        ax1, ax2 = fig.subplots(1, 2)
+        g = [r["gamma"] for r in self.per_gamma]
+        ax1.plot(g, [r["mean_score"] for r in self.per_gamma], marker="o", label="mean score")
+        ax1b = ax1.twinx()
+        ax1b.bar(g, [r["degenerate_share"] for r in self.per_gamma], width=0.008, color="tab:red", alpha=0.4,
+                 label="degenerate share")
+        ax1b.set_ylim(0, 1)
+        ax1.axvline(self.gamma_pos, color="tab:green", ls="--", lw=1)
+        ax1.axvline(self.gamma_neg, color="tab:orange", ls="--", lw=1)
+        ax1.set_xlabel("gamma")
+        ax1.set_ylabel(f"mean score ({self.settings['scorer']})")
+        ax1b.set_ylabel("degenerate share")
+        ax1.set_title("score per gamma (dashed: chosen)")
+        rows = sorted((p for p in self.pairs if p["gamma_pos"] == self.gamma_pos), key=lambda p: p["gamma_neg"])
+        ax2.plot([p["gamma_neg"] for p in rows], [p["win_share"] for p in rows], marker="o")
+        ax2.axhline(self.settings["win_threshold"], color="0.5", ls="--", lw=1)
+        ax2.set_ylim(-0.02, 1.02)
+        ax2.set_xlabel("gamma-")
+        ax2.set_ylabel("share chosen > rejected")
+        ax2.set_title(f"pairs at gamma+ = {self.gamma_pos:g}")
+        fig.tight_layout()
+        return fig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gamma_pos": self.gamma_pos, "gamma_neg": self.gamma_neg, "per_gamma": self.per_gamma,
+                "pairs": self.pairs, "settings": self.settings, "examples": self.examples}
+
+    def gammas_config(self) -> dict[str, Any]:
+        """What `icon2-lens generate --gammas FILE` (and the pipeline) reads."""
+        s = self.settings
+        return {"gamma_pos": self.gamma_pos, "gamma_neg": self.gamma_neg, "layers": s["layers"], "scale": s["scale"],
+                "positions": s["positions"], **s["decoding"]}
+
+    def save(self, folder: str | os.PathLike[str]) -> dict[str, Path]:
+        """Write ``calibration.json``, ``calibration.md``, ``calibration.png`` and ``gammas.yaml`` (atomically)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = {"json": folder / "calibration.json", "md": folder / "calibration.md",
+                 "png": folder / "calibration.png", "gammas": folder / "gammas.yaml"}
+        atomic_write_text(paths["json"], json.dumps(self.to_dict(), indent=2))
+        atomic_write_text(paths["md"], self.table() + "\n")
+        atomic_write_text(paths["gammas"], yaml.safe_dump(self.gammas_config(), sort_keys=False))
+        tmp = paths["png"].with_name(".calibration.tmp.png")
+        try:
+            self.figure().savefig(tmp, dpi=110)
+            tmp.replace(paths["png"])
+        finally:
+            tmp.unlink(missing_ok=True)
+        return paths
+
+
+def load_gammas(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a ``gammas.yaml`` written by `CalibrationResult.save` (or a folder holding one).
+
+    Examples:
+        >>> load_gammas("runs/calibration")["gamma_pos"]  # doctest: +SKIP
+        0.1
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "gammas.yaml"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} does not exist; run `icon2-lens calibrate` first or pass the gammas directly.")
+    data = yaml.safe_load(p.read_text())
+    if not isinstance(data, dict) or "gamma_pos" not in data or "gamma_neg" not in data:
+        raise ValueError(f"{p} has no gamma_pos/gamma_neg; it is not a calibration output.")
+    return data
+
+
+def calibrate_gamma(
+    model: LoadedModel,
+    directions: DirectionSet,
+    table: Any,
+    *,
+    n: int = 32,
+    gammas_pos: Sequence[float] = DEFAULT_GAMMAS_POS,
+    gammas_neg: Sequence[float] = DEFAULT_GAMMAS_NEG,
+    scorer: Scorer | Any | None = None,
+    win_threshold: float = 0.9,
+    layers: Sequence[int] | range | None = None,
+    scale: Scale = "relative",
+    positions: Positions = "all",
+    criterion: str | None = None,
+    max_new_tokens: int = DEFAULT_DECODING["max_new_tokens"],
+    repetition_penalty: float = DEFAULT_DECODING["repetition_penalty"],
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> CalibrationResult:
+    """Sweep gamma+ and gamma- on ``n`` instructions and pick them by the paper's rule (module docs).
+
+    Args:
+        model, directions: as for `icon2_lens.generate_pairs`.
+        table: scored/selected instructions (``instruction`` and ``criterion`` columns), a list of
+            dicts, or a ``score`` output folder; the first ``n`` rows are used.
+        n: instructions (the paper: 100 suffice; 32 is the CPU default here).
+        gammas_pos, gammas_neg: the grid (positive and negative values).
+        scorer: a pointwise scorer (default `ProbeScorer` on the model itself), e.g. a
+            `RewardModelScorer`, or a `PairwiseJudge` (then a gamma's score is its win rate against
+            the unsteered response, and a pair wins when the judge prefers chosen in both orders).
+        win_threshold: the share of chosen > rejected a gamma- must exceed.
+        layers, scale, positions, criterion: steering (see `icon2_lens.steer`).
+        max_new_tokens, repetition_penalty: greedy decoding settings of the sweep.
+        batch_size: rows per generation batch (rows mix gammas).
+        seed: generation seed.
+        progress: progress bar.
+
+    Returns:
+        A `CalibrationResult` (``.table()``, ``.figure()``, ``.save(dir)``). Warns when a gamma makes
+        more than 25% of responses degenerate.
+
+    Examples:
+        >>> cal = il.calibrate_gamma(model, dirs, "runs/scores", n=32)  # doctest: +SKIP
+        >>> print(cal.table()); cal.save("runs/calibration")  # doctest: +SKIP
+    """
+    directions.check_compatible(model)
+    gp, gn = sorted(set(float(g) for g in gammas_pos)), sorted(set(float(g) for g in gammas_neg))
+    if not gp or not gn:
+        raise ValueError("Give at least one gamma+ and one gamma-.")
+    if min(gp) <= max(gn):
+        raise ValueError(f"Every gamma+ must exceed every gamma- (got gamma+ {gp}, gamma- {gn}).")
+    if n < 1 or max_new_tokens < 1:
+        raise ValueError(f"n and max_new_tokens must be positive (got n={n}, max_new_tokens={max_new_tokens}).")
+    if not 0 <= win_threshold < 1:
+        raise ValueError(f"win_threshold must be in [0, 1), got {win_threshold}.")
+    rows = _table_rows(table, criterion, directions)[:n]
+    scorer = scorer if scorer is not None else ProbeScorer(model, directions, layers=layers)
+    pairwise = _is_pairwise(scorer)
+    grid = gn + ([0.0] if pairwise else []) + gp
+    layer_list = list(layers) if layers is not None else list(directions.suggested_layers or [])
+    tok = model.tokenizer
+    jobs = [(g, i) for g in grid for i in range(len(rows))]
+    texts: dict[tuple[float, int], str] = {}
+    with tqdm(total=len(jobs), desc="calibration sweep", unit="response", disable=not progress) as bar:
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start:start + batch_size]
+            gen = generate_steered(
+                model, [render_chat(tok, rows[i]["instruction"]) for _, i in batch], directions=directions,
+                criteria=[rows[i]["criterion"] for _, i in batch], gammas=[g for g, _ in batch],
+                layers=layer_list or None, scale=scale, positions=positions, max_new_tokens=max_new_tokens,
+                repetition_penalty=repetition_penalty, seed=seed)
+            for (g, i), r in zip(batch, gen):
+                texts[(g, i)] = r["text"]
+            bar.update(len(batch))
+    qs = [r["instruction"] for r in rows]
+    crits = [r["criterion"] for r in rows]
+    deg = {k: is_degenerate(t) for k, t in texts.items()}
+    scores: dict[tuple[float, int], float] = {}
+    if pairwise:
+        for g in grid:
+            vs = [0.5] * len(rows) if g == 0.0 else scorer.compare(qs, [texts[(g, i)] for i in range(len(rows))],
+                                                                   [texts[(0.0, i)] for i in range(len(rows))])
+            scores.update({(g, i): v for i, v in enumerate(vs)})
+    else:
+        flat = list(texts)
+        vals = scorer([qs[i] for _, i in flat], [texts[k] for k in flat], [crits[i] for _, i in flat])
+        scores = dict(zip(flat, (float(v) for v in vals)))
+    floor = min(scores.values())
+    eff = {k: (floor if deg[k] else v) for k, v in scores.items()}  # degenerate: the worst score of the sweep
+    per_gamma = []
+    for g in grid:
+        ks = [(g, i) for i in range(len(rows))]
+        per_gamma.append({"gamma": g, "mean_score": sum(eff[k] for k in ks) / len(ks),
+                          "degenerate_share": sum(deg[k] for k in ks) / len(ks),
+                          "distinct2": sum(distinct_n(texts[k], 2) for k in ks) / len(ks), "n": len(ks)})
+    pairs = []
+    for p in gp:
+        for q in gn:
+            if pairwise:
+                verdict = scorer.compare(qs, [texts[(p, i)] for i in range(len(rows))],
+                                         [texts[(q, i)] for i in range(len(rows))])
+                wins = [v == 1.0 and not deg[(p, i)] and not deg[(q, i)] for i, v in enumerate(verdict)]
+            else:
+                wins = [scores[(p, i)] > scores[(q, i)] and not deg[(p, i)] and not deg[(q, i)]
+                        for i in range(len(rows))]
+            pairs.append({"gamma_pos": p, "gamma_neg": q, "win_share": sum(wins) / len(wins)})
+    mean = {r["gamma"]: r["mean_score"] for r in per_gamma}
+    best_pos = max(gp, key=lambda g: (mean[g], -g))  # ties: the gentler strength
+    win = {(x["gamma_pos"], x["gamma_neg"]): x["win_share"] for x in pairs}
+    passing = [q for q in gn if win[(best_pos, q)] > win_threshold]
+    if passing:
+        best_neg = max(passing, key=lambda g: (mean[g], g))
+    else:
+        best_neg = max(gn, key=lambda g: (win[(best_pos, g)], g))
+        warnings.warn(f"No gamma- reaches a win share above {win_threshold} with gamma+ = {best_pos:g} (best: "
+                      f"{win[(best_pos, best_neg)]:.2f} at gamma- = {best_neg:g}); widen the grid or use more "
+                      "instructions.", stacklevel=2)
+    for r in per_gamma:
+        if r["degenerate_share"] > FLUENCY_WARNING_SHARE:
+            warnings.warn(f"gamma = {r['gamma']:g} breaks fluency: {r['degenerate_share']:.0%} of its responses "
+                          "degenerate (repetition or very low distinct-2).", stacklevel=2)
+    examples = [{"instruction": qs[i], "criterion": crits[i], "gamma": g, "response": texts[(g, i)],
+                 "score": scores[(g, i)], "degenerate": deg[(g, i)]} for i in range(min(3, len(rows))) for g in grid]
+    settings = {"scorer": getattr(scorer, "name", type(scorer).__name__), "n": len(rows), "layers": layer_list,
+                "scale": scale, "positions": positions, "win_threshold": win_threshold, "seed": seed,
+                "decoding": {"max_new_tokens": max_new_tokens, "do_sample": False,
+                             "repetition_penalty": repetition_penalty},
+                "model": model.info.model_id}
+    return CalibrationResult(gamma_pos=best_pos, gamma_neg=best_neg, per_gamma=per_gamma, pairs=pairs,
+                             settings=settings, examples=examples)
+

@@ -1,0 +1,267 @@
+"""Scorers for responses and degeneration metrics (used by gamma calibration and pair reports).
+
+Scorers are callables ``scorer(instructions, responses, criteria) -> list[float]`` (higher is
+better), so any of them plugs into `icon2_lens.calibrate_gamma`:
+
+* `ProbeScorer` (default, offline, works on the embedded model): the model reads the response to
+  the instruction (chat template, no system prompt of our own) and the last token's residual is
+  projected on the criterion's direction at the steering layers, standardised with the feature-set
+  statistics and averaged: the response-reading of the layer report's measure (c). **Limits:** it
+  measures how much the *model itself* reads the answer as e.g. helpful, along the same direction
+  that steering pushes, so it is not an independent judge: it rewards text that moves the probe
+  and knows nothing about correctness. The layer report shows where it can be trusted: (c) was
+  0.8-0.9 for *helpful*/*general* at the suggested layers on SmolLM2, but *below chance* for
+  *harmless*. Use a reward model or a judge for claims about quality.
+* `RewardModelScorer`: any HF sequence-classification reward model (``logits[:, 0]``).
+* `PairwiseJudge`: a chat model asked which of two responses is better, both orders; a verdict
+  that flips with the order counts as a tie (0.5).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Protocol, Sequence
+
+import torch
+
+from .activations import LastTokenReader, tokenize_texts
+from .directions import DirectionSet
+from .models import LoadedModel
+from .prompts import render_chat
+from .scoring import consistency_scores, project
+
+__all__ = ["Scorer", "ProbeScorer", "RewardModelScorer", "PairwiseJudge", "distinct_n", "is_degenerate", "pair_report"]
+
+
+class Scorer(Protocol):
+    """Scores responses: higher is better. ``criteria[i]`` is the criterion response ``i`` was steered along."""
+
+    name: str
+
+    def __call__(self, instructions: Sequence[str], responses: Sequence[str], criteria: Sequence[str]) -> list[float]:
+        ...
+
+
+def distinct_n(text: str, n: int = 2) -> float:
+    """Share of distinct word n-grams among all word n-grams of ``text`` (1.0 if it has none).
+
+    Examples:
+        >>> distinct_n("the cat sat on the mat", 2)
+        1.0
+        >>> distinct_n("no no no no no", 2)
+        0.25
+    """
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def is_degenerate(text: str, *, min_distinct2: float = 0.5, min_char_variety: float = 0.1) -> bool:
+    """Whether a response has degenerated: empty, a loop of repeated words (distinct-2 below
+    ``min_distinct2`` over at least 8 words), or one character/token run (fewer than
+    ``min_char_variety`` distinct characters per character over at least 20 characters).
+
+    Examples:
+        >>> is_degenerate("Paris is the capital of France.")
+        False
+        >>> is_degenerate("the the the the the the the the the the")
+        True
+    """
+    t = text.strip()
+    if not t:
+        return True
+    if len(t.split()) >= 8 and distinct_n(t, 2) < min_distinct2:
+        return True
+    return len(t) >= 20 and len(set(t)) / len(t) < min_char_variety
+
+
+class ProbeScorer:
+    """The model's own reading of a response along the criterion's direction (see the module docs).
+
+    Args:
+        model: the model that reads (the one the directions come from).
+        directions: the probes.
+        layers: layers to average (default: the directions' suggested layers, else all).
+        batch_size: prompts per forward pass.
+
+    Examples:
+        >>> scorer = ProbeScorer(model, dirs)  # doctest: +SKIP
+        >>> scorer(["Name a river."], ["The Nile."], ["helpful"])  # doctest: +SKIP
+        [0.83]
+    """
+
+    name = "probe"
+
+    def __init__(self, model: LoadedModel, directions: DirectionSet, *, layers: Sequence[int] | None = None,
+                 batch_size: int = 16) -> None:
+        directions.check_compatible(model)
+        self.model, self.directions, self.batch_size = model, directions, batch_size
+        self.layers = list(layers or directions.suggested_layers or directions.layers)
+        missing = [x for x in self.layers if x not in directions.layers]
+        if missing:
+            raise ValueError(f"Layers {missing} are not in the directions (which have {list(directions.layers)}).")
+
+    def __call__(self, instructions: Sequence[str], responses: Sequence[str], criteria: Sequence[str]) -> list[float]:
+        if not len(instructions) == len(responses) == len(criteria):
+            raise ValueError("instructions, responses and criteria must have the same length.")
+        d = self.directions
+        cols = [d.layers.index(x) for x in self.layers]
+        tok = self.model.tokenizer
+        texts = [render_chat(tok, q, assistant=r if r.strip() else " ") for q, r in zip(instructions, responses)]
+        ids = tokenize_texts(self.model, texts)
+        ci = torch.tensor([d.index(c) for c in criteria])
+        out = torch.empty(len(texts))
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        with LastTokenReader(self.model, hook=d.hook, layers=self.layers) as reader:
+            for start in range(0, len(order), self.batch_size):
+                rows = order[start:start + self.batch_size]
+                h = reader.read([ids[i] for i in rows])
+                z = consistency_scores(project(h, d.vectors[:, cols]), mean=d.stats["proj_mean"][:, cols],
+                                       std=d.stats["proj_std"][:, cols])  # [b, criterion]
+                out[rows] = z[torch.arange(len(rows)), ci[rows]]
+        return out.tolist()
+
+
+class RewardModelScorer:
+    """An HF sequence-classification reward model; the score is ``logits[:, 0]``.
+
+    The (instruction, response) pair is rendered with the reward model's chat template when it has
+    one, else as ``"instruction\\n\\nresponse"``. Offline by default (``local_files_only=True``).
+
+    Examples:
+        >>> scorer = RewardModelScorer("path/to/reward-model")  # doctest: +SKIP
+    """
+
+    name = "reward_model"
+
+    def __init__(self, source: str | os.PathLike[str], *, device: str | None = None, batch_size: int = 8,
+                 local_files_only: bool = True) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=local_files_only)
+            self.model = AutoModelForSequenceClassification.from_pretrained(str(source),
+                                                                            local_files_only=local_files_only)
+        except OSError as exc:
+            raise FileNotFoundError(f"Cannot load a reward model from {source!r} ({exc}); pass a local folder of an HF "
+                                    "sequence-classification model (or allow downloads).") from exc
+        self.model.eval().to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.batch_size = batch_size
+        self.name = f"reward_model:{source}"
+
+    def _text(self, q: str, r: str) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": q}, {"role": "assistant", "content": r}], tokenize=False)
+        return f"{q}\n\n{r}"
+
+    def __call__(self, instructions: Sequence[str], responses: Sequence[str], criteria: Sequence[str]) -> list[float]:
+        texts = [self._text(q, r) for q, r in zip(instructions, responses)]
+        out: list[float] = []
+        device = next(self.model.parameters()).device
+        for start in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
+                                 truncation=True, add_special_tokens=not getattr(self.tokenizer, "chat_template", None))
+            with torch.inference_mode():
+                logits = self.model(**{k: v.to(device) for k, v in enc.items()}).logits
+            out.extend(logits[:, 0].float().tolist())
+        return out
+
+
+class PairwiseJudge:
+    """A chat model asked which of two responses is better, in both orders.
+
+    ``judge(instructions, a, b)`` returns, per item, 1.0 if ``a`` wins in both orders, 0.0 if ``b``
+    wins in both, 0.5 if the verdict flips with the order (position bias: a tie). The verdict is
+    the comparison of the next-token logits of "A" and "B" after the question.
+
+    Examples:
+        >>> judge = PairwiseJudge(model)  # doctest: +SKIP
+        >>> judge.compare(["Name a river."], ["The Nile."], ["Banana."])  # doctest: +SKIP
+        [1.0]
+    """
+
+    name = "pairwise_judge"
+    PROMPT = ("Which response answers the user's request better (more relevant, accurate, complete and clear)?\n\n"
+              "Request: {q}\n\nResponse A: {a}\n\nResponse B: {b}\n\nAnswer with the single letter A or B.")
+
+    def __init__(self, model: LoadedModel, *, batch_size: int = 8) -> None:
+        self.model, self.batch_size = model, batch_size
+        tok = model.tokenizer
+        self._a = tok("A", add_special_tokens=False)["input_ids"][0]
+        self._b = tok("B", add_special_tokens=False)["input_ids"][0]
+
+    def _prefers_first(self, qs: Sequence[str], firsts: Sequence[str], seconds: Sequence[str]) -> list[bool]:
+        tok = self.model.tokenizer
+        hf = self.model.generation_model()
+        texts = [render_chat(tok, self.PROMPT.format(q=q, a=a, b=b)) for q, a, b in zip(qs, firsts, seconds)]
+        out: list[bool] = []
+        for start in range(0, len(texts), self.batch_size):
+            ids = tokenize_texts(self.model, texts[start:start + self.batch_size])
+            width = max(len(x) for x in ids)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.model.device)
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.model.device)
+            with torch.inference_mode():
+                logits = hf(input_ids=input_ids, attention_mask=mask).logits[:, -1]
+            out.extend((logits[:, self._a] > logits[:, self._b]).tolist())
+        return out
+
+    def compare(self, instructions: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[float]:
+        """1.0 / 0.0 / 0.5 per item: ``a`` better in both orders / ``b`` better / inconsistent."""
+        ab = self._prefers_first(instructions, a, b)
+        ba = self._prefers_first(instructions, b, a)
+        return [1.0 if x and not y else 0.0 if y and not x else 0.5 for x, y in zip(ab, ba)]
+
+    def __call__(self, instructions: Sequence[str], responses: Sequence[str], criteria: Sequence[str]) -> list[float]:
+        raise TypeError("PairwiseJudge compares two responses; use judge.compare(...) or calibrate_gamma(scorer=judge).")
+
+
+def _is_pairwise(scorer: Any) -> bool:
+    return hasattr(scorer, "compare")
+
+
+def pair_report(pairs: Any, *, scorer: Any | None = None, n_examples: int = 5) -> dict[str, Any]:
+    """Figures of a preference-pair dataset (`icon2_lens.generate_pairs` output).
+
+    ``identical_share`` (chosen == rejected), per side: mean distinct-2 per response, corpus
+    distinct-2 (over all responses of the side), ``degenerate_share``, ``finished_share``, mean
+    words; with a ``scorer``: ``win_share`` (chosen scores above rejected and neither degenerates)
+    and mean scores; and the first ``n_examples`` pairs.
+
+    Examples:
+        >>> pair_report(pairs, scorer=ProbeScorer(model, dirs))["win_share"]  # doctest: +SKIP
+        0.94
+    """
+    rows = [dict(r) for r in pairs]
+    if not rows:
+        raise ValueError("No pairs to report on.")
+    qs = [r["instruction"] for r in rows]
+    crits = [r["criterion"] for r in rows]
+    side = {s: [r[s][0]["content"] for r in rows] for s in ("chosen", "rejected")}
+    out: dict[str, Any] = {"n_pairs": len(rows),
+                           "identical_share": sum(a == b for a, b in zip(side["chosen"], side["rejected"])) / len(rows)}
+    for s, texts in side.items():
+        corpus = " ".join(t.replace("\n", " ") for t in texts)
+        out[s] = {"distinct2_mean": sum(distinct_n(t, 2) for t in texts) / len(texts),
+                  "distinct2_corpus": distinct_n(corpus, 2),
+                  "degenerate_share": sum(is_degenerate(t) for t in texts) / len(texts),
+                  "finished_share": sum(bool(r.get(f"{s}_finished", True)) for r in rows) / len(rows),
+                  "mean_words": sum(len(t.split()) for t in texts) / len(texts)}
+    if scorer is not None:
+        if _is_pairwise(scorer):
+            verdict = scorer.compare(qs, side["chosen"], side["rejected"])
+            wins = [v == 1.0 for v in verdict]
+        else:
+            sc, sr = scorer(qs, side["chosen"], crits), scorer(qs, side["rejected"], crits)
+            wins = [a > b for a, b in zip(sc, sr)]
+            out["chosen"]["mean_score"], out["rejected"]["mean_score"] = sum(sc) / len(sc), sum(sr) / len(sr)
+        ok = [w and not is_degenerate(a) and not is_degenerate(b)
+              for w, a, b in zip(wins, side["chosen"], side["rejected"])]
+        out["win_share"] = sum(ok) / len(ok)
+        out["scorer"] = getattr(scorer, "name", type(scorer).__name__)
+    out["examples"] = [{"instruction": q, "criterion": c, "chosen": a, "rejected": b}
+                       for q, c, a, b in list(zip(qs, crits, side["chosen"], side["rejected"]))[:n_examples]]
+    return out

@@ -1,0 +1,301 @@
+"""Bidirectional steered generation into TRL-ready preference pairs (METHOD.md section 4).
+
+For each instruction, the chosen response is generated with ``gamma_pos * u_c`` added to the
+residual stream at the steering layers and the rejected one with ``gamma_neg * u_c``
+(``gamma_neg < gamma_pos``), where ``c`` is the instruction's assigned criterion. Both responses of
+an instruction are generated in the same batch with a per-row gamma (one pass, not two). The
+fast path is HF ``generate`` on `icon2_lens.models.LoadedModel.generation_model` with torch forward
+hooks (`icon2_lens.steering`), the default for bulk generation; ``path="bridge"`` runs the bridge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .directions import DirectionSet
+from .files import append_jsonl, atomic_write_text, read_jsonl_resumable
+from .models import LoadedModel
+from .prompts import pre_query_template, render_chat
+from .steering import Positions, Scale, steer, steering_vectors
+
+if TYPE_CHECKING:
+    import datasets
+
+__all__ = ["generate_pairs", "generate_steered", "DEFAULT_GAMMA_POS", "DEFAULT_GAMMA_NEG", "DEFAULT_DECODING"]
+
+#: Default strengths (``scale="relative"``: fractions of the layer's mean residual norm), from calibration.
+DEFAULT_GAMMA_POS = 0.1
+DEFAULT_GAMMA_NEG = -0.05
+#: Default decoding settings of `generate_pairs`.
+DEFAULT_DECODING: dict[str, Any] = {"max_new_tokens": 128, "do_sample": False, "temperature": 1.0, "top_p": 1.0,
+                                    "repetition_penalty": 1.1}
+
+
+def _stop_ids(model: LoadedModel) -> list[int]:
+    tok = model.tokenizer
+    ids = {pre_query_template(tok).end_of_turn_id} if getattr(tok, "chat_template", None) else set()
+    if tok.eos_token_id is not None:
+        ids.add(int(tok.eos_token_id))
+    return sorted(ids)
+
+
+def generate_steered(
+    model: LoadedModel,
+    prompts: Sequence[str],
+    *,
+    directions: DirectionSet | None = None,
+    criteria: str | Sequence[str] | None = None,
+    gammas: float | Sequence[float] | None = None,
+    layers: Sequence[int] | range | None = None,
+    scale: Scale = "relative",
+    positions: Positions = "all",
+    max_new_tokens: int = 128,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    seed: int = 0,
+    path: Literal["hf", "bridge"] = "hf",
+) -> list[dict[str, Any]]:
+    """Generate one response per rendered prompt, each row steered with its own criterion and gamma.
+
+    Prompts are left-padded into one batch. Without ``directions`` nothing is steered (plain
+    generation). Sampling is seeded inside ``torch.random.fork_rng`` (the caller's RNG is untouched).
+
+    Returns:
+        One dict per prompt: ``text`` (special tokens removed, cut at the end-of-turn token),
+        ``finished`` (the end-of-turn token came), ``n_tokens`` (generated, stop token included).
+
+    Examples:
+        >>> rows = generate_steered(model, [render_chat(tok, "Hi")] * 2, directions=dirs,  # doctest: +SKIP
+        ...                         criteria="helpful", gammas=[0.1, -0.05], layers=range(15, 25))
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}.")
+    if not prompts:
+        raise ValueError("No prompts to generate from.")
+    tok = model.tokenizer
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = max(len(x) for x in ids)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
+        mask[i, width - len(x):] = 1
+    device = model.device
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    stop = _stop_ids(model)
+    steering = None
+    if directions is not None:
+        if criteria is None or gammas is None:
+            raise ValueError("Steering needs criteria and gammas along with directions.")
+        steering = steer(model, directions, criteria, gammas, layers=layers, scale=scale, positions=positions,
+                         path=path)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.inference_mode():
+        torch.manual_seed(seed)
+        if steering is not None:
+            steering.__enter__()
+        try:
+            if path == "hf":
+                sample_kwargs = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
+                out = model.generation_model().generate(
+                    input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                    repetition_penalty=repetition_penalty, eos_token_id=stop, pad_token_id=pad_id, **sample_kwargs)
+            elif path == "bridge":
+                out = model.bridge.generate(
+                    input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                    temperature=temperature, top_p=top_p if do_sample else None,
+                    repetition_penalty=repetition_penalty, eos_token_id=stop, stop_at_eos=True,
+                    use_past_kv_cache=True, return_type="tokens", verbose=False, prepend_bos=False)
+            else:
+                raise ValueError(f"Unknown path {path!r}; use 'hf' or 'bridge'.")
+        finally:
+            if steering is not None:
+                steering.__exit__(None, None, None)
+    rows = []
+    for seq in out[:, width:].tolist():
+        cut = next((i for i, t in enumerate(seq) if t in stop), None)
+        body = seq if cut is None else seq[:cut]
+        rows.append({"text": tok.decode(body, skip_special_tokens=True).strip(), "finished": cut is not None,
+                     "n_tokens": len(body) + (cut is not None)})
+    return rows
+
+
+def _table_rows(table: Any, criterion: str | None, directions: DirectionSet) -> list[dict[str, Any]]:
+    if isinstance(table, (str, os.PathLike)):
+        from datasets import load_dataset
+
+        p = Path(table)
+        files = [p / "selected.jsonl"] if p.is_dir() else [p]
+        if not files[0].is_file():
+            raise FileNotFoundError(f"{files[0]} does not exist; pass a `score` output folder or its selected.jsonl.")
+        table = load_dataset("json", data_files=str(files[0]), split="train")
+    rows = [dict(r) for r in table] if hasattr(table, "column_names") else [dict(r) for r in table]
+    if not rows:
+        raise ValueError("The table is empty; score and select some instructions first.")
+    missing = [i for i, r in enumerate(rows) if "instruction" not in r]
+    if missing:
+        raise ValueError("The table needs an 'instruction' column (the output of score_instructions/select_instructions).")
+    for r in rows:
+        c = criterion or r.get("criterion")
+        if c is None:
+            raise ValueError("The table has no 'criterion' column; pass criterion='...' to steer every row along one.")
+        if c not in directions.criteria:
+            raise ValueError(f"Criterion {c!r} is not in the directions (which have {directions.criteria}).")
+        r["criterion"] = c
+    return rows
+
+
+def _complete_batches(path: Path, rows: list[dict[str, Any]], batch_size: int) -> list[dict[str, Any]]:
+    """The rows of the complete batches already in ``path``; a torn or partial last batch is cut off the file."""
+    done = read_jsonl_resumable(path)
+    keep = 0
+    for b in range(-(-len(rows) // batch_size)):
+        size = len(rows[b * batch_size:(b + 1) * batch_size])
+        part = done[keep:keep + size]
+        if len(part) < size:
+            break
+        if [r.get("index") for r in part] != list(range(b * batch_size, b * batch_size + size)) or any(
+                r.get("instruction") != rows[r["index"]]["instruction"] for r in part):
+            raise ValueError(f"{path} does not match this table (another table was used); choose another folder.")
+        keep += size
+    if keep < len(done):
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in done[:keep]))
+    return done[:keep]
+
+
+def generate_pairs(
+    model: LoadedModel,
+    directions: DirectionSet,
+    table: "datasets.Dataset | Sequence[dict[str, Any]] | str | os.PathLike[str]",
+    *,
+    gamma_pos: float = DEFAULT_GAMMA_POS,
+    gamma_neg: float = DEFAULT_GAMMA_NEG,
+    layers: Sequence[int] | range | None = None,
+    scale: Scale = "relative",
+    positions: Positions = "all",
+    criterion: str | None = None,
+    max_new_tokens: int = DEFAULT_DECODING["max_new_tokens"],
+    do_sample: bool = DEFAULT_DECODING["do_sample"],
+    temperature: float = DEFAULT_DECODING["temperature"],
+    top_p: float = DEFAULT_DECODING["top_p"],
+    repetition_penalty: float = DEFAULT_DECODING["repetition_penalty"],
+    batch_size: int = 8,
+    seed: int = 0,
+    path: Literal["hf", "bridge"] = "hf",
+    out: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> "datasets.Dataset":
+    """Generate a chosen (``+gamma_pos``) and a rejected (``gamma_neg``) response per instruction.
+
+    Args:
+        model: from `icon2_lens.load_model`; must match the directions.
+        directions: the `DirectionSet` (its suggested layers are the default range).
+        table: rows with ``instruction`` and ``criterion`` (`icon2_lens.select_instructions`'s output,
+            a list of dicts, or a ``score`` output folder / JSONL file); ``consistency`` is carried over.
+        gamma_pos, gamma_neg: strengths of the chosen and the rejected side (``gamma_neg < gamma_pos``).
+        layers: steering layers (default: the suggested range of the directions).
+        scale, positions: see `icon2_lens.steer`.
+        criterion: steer every row along this criterion instead of the table's.
+        max_new_tokens, do_sample, temperature, top_p, repetition_penalty: decoding (`DEFAULT_DECODING`).
+        batch_size: instructions per batch (each batch generates ``2 x batch_size`` rows).
+        seed: batch ``b`` samples with a seed derived from ``(seed, b)``.
+        path: ``"hf"`` (fast path, default) or ``"bridge"``.
+        out: a folder: rows are appended to ``pairs.jsonl`` batch by batch; a rerun with the same
+            settings skips the finished instructions (a torn last batch is cut off and redone).
+        progress: progress bar (pairs/s).
+
+    Returns:
+        A ``datasets.Dataset`` in TRL's conversational preference format: ``prompt`` (a user message
+        list), ``chosen`` and ``rejected`` (an assistant message list each), plus ``instruction``,
+        ``criterion``, ``consistency``, ``gamma_pos``, ``gamma_neg``, ``layers``, ``scale``,
+        ``positions``, decoding settings, ``seed``, ``chosen_finished``, ``rejected_finished``, ``index``.
+
+    Examples:
+        >>> pairs = il.generate_pairs(model, dirs, il.select_instructions(table))  # doctest: +SKIP
+        >>> pairs[0]["chosen"]  # doctest: +SKIP
+        [{'role': 'assistant', 'content': '...'}]
+    """
+    from datasets import Dataset
+
+    directions.check_compatible(model)
+    if not gamma_neg < gamma_pos:
+        raise ValueError(f"gamma_neg must be below gamma_pos (got gamma_pos={gamma_pos}, gamma_neg={gamma_neg}).")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}.")
+    rows = _table_rows(table, criterion, directions)
+    layer_list = list(layers) if layers is not None else list(directions.suggested_layers or [])
+    steering_vectors(directions, rows[0]["criterion"], gamma_pos, layers=layer_list or None, scale=scale)  # validate
+    settings = {"gamma_pos": gamma_pos, "gamma_neg": gamma_neg, "layers": layer_list, "scale": scale,
+                "positions": positions, "max_new_tokens": max_new_tokens, "do_sample": do_sample,
+                "temperature": temperature, "top_p": top_p, "repetition_penalty": repetition_penalty, "seed": seed,
+                "path": path, "batch_size": batch_size, "model": model.info.model_id,
+                "fingerprint": model.info.fingerprint}
+    done: list[dict[str, Any]] = []
+    pairs_path = None
+    if out is not None:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        pairs_path = folder / "pairs.jsonl"
+        settings_path = folder / "generation.json"
+        if settings_path.is_file():
+            old = json.loads(settings_path.read_text())
+            diff = [k for k, v in settings.items() if old.get(k) != v]
+            if diff:
+                raise ValueError(f"{folder} holds a generation run with other settings ({', '.join(diff)}); rerun "
+                                 "with the same settings to continue it, or choose another output folder.")
+        elif pairs_path.exists():
+            raise ValueError(f"{pairs_path} exists without generation.json; choose another output folder.")
+        else:
+            atomic_write_text(settings_path, json.dumps(settings, indent=2))
+        done = _complete_batches(pairs_path, rows, batch_size)
+    tok = model.tokenizer
+    n_batches = -(-len(rows) // batch_size)
+    first_batch = -(-len(done) // batch_size)
+    t0 = time.perf_counter()
+    with tqdm(total=len(rows), initial=len(done), desc="generating pairs", unit="pair", disable=not progress) as bar:
+        for b in range(first_batch, n_batches):
+            chunk = rows[b * batch_size:(b + 1) * batch_size]
+            prompts = [render_chat(tok, r["instruction"]) for r in chunk]
+            crits = [r["criterion"] for r in chunk]
+            k = len(chunk)
+            s = int(hashlib.sha256(f"{seed}:{b}".encode()).hexdigest()[:12], 16)
+            gen = generate_steered(
+                model, prompts + prompts, directions=directions, criteria=crits + crits,
+                gammas=[gamma_pos] * k + [gamma_neg] * k, layers=layer_list or None, scale=scale, positions=positions,
+                max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                repetition_penalty=repetition_penalty, seed=s, path=path)
+            new = []
+            for i, r in enumerate(chunk):
+                c, rj = gen[i], gen[k + i]
+                new.append({
+                    "prompt": [{"role": "user", "content": r["instruction"]}],
+                    "chosen": [{"role": "assistant", "content": c["text"]}],
+                    "rejected": [{"role": "assistant", "content": rj["text"]}],
+                    "instruction": r["instruction"], "criterion": r["criterion"],
+                    "consistency": float(r["consistency"]) if r.get("consistency") is not None else None,
+                    "gamma_pos": gamma_pos, "gamma_neg": gamma_neg, "layers": layer_list, "scale": scale,
+                    "positions": positions, "max_new_tokens": max_new_tokens, "do_sample": do_sample,
+                    "temperature": temperature, "top_p": top_p, "repetition_penalty": repetition_penalty, "seed": s,
+                    "chosen_finished": c["finished"], "rejected_finished": rj["finished"],
+                    "chosen_tokens": c["n_tokens"], "rejected_tokens": rj["n_tokens"],
+                    "index": b * batch_size + i, "batch": b,
+                })
+            if pairs_path is not None:
+                append_jsonl(pairs_path, new)
+            done.extend(new)
+            bar.update(k)
+            bar.set_postfix(pairs_per_s=f"{(len(done) - first_batch * batch_size) / (time.perf_counter() - t0):.2f}")
+    return Dataset.from_list(done)
