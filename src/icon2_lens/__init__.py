@@ -24,7 +24,7 @@ from .calibration import CalibrationResult, calibrate_gamma, load_gammas
 from .evaluation import PairwiseJudge, ProbeScorer, RewardModelScorer, pair_report
 from .pairs import generate_pairs, generate_steered
 from .prompts import pre_query_template, render_chat
-from .scoring import score_instructions, select_instructions
+from .scoring import consistency_histogram, score_instructions, select_instructions
 from .steering import Steering, steer
 from .synthesis import synthesis_report, synthesize_instructions
 
@@ -45,6 +45,7 @@ __all__ = [
     "ModelInfo",
     "builtin_instructions",
     "calibrate_gamma",
+    "consistency_histogram",
     "directions_from_activations",
     "extract_directions",
     "generate_pairs",

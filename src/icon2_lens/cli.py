@@ -152,12 +152,26 @@ def _add_steering_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--instructions", required=True,
                    help="a `score` output folder (its selected.jsonl) or a JSONL file with instruction and criterion")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--layers", default="suggested", help="'suggested' (default), 'all', '15-24' or '3,5,7'")
-    p.add_argument("--scale", default="relative", choices=["relative", "unit"])
-    p.add_argument("--positions", default="all", choices=["all", "generated"])
+    p.add_argument("--layers", default=None, help="'suggested' (default), 'all', '15-24' or '3,5,7'")
+    p.add_argument("--scale", default=None, choices=["relative", "unit"], help="default: relative")
+    p.add_argument("--positions", default=None, choices=["all", "generated"], help="default: all")
     p.add_argument("--criterion", default=None, help="steer every instruction along this criterion")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 128")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="default: 1.1")
+
+
+_STEERING_DEFAULTS = {"layers": "suggested", "scale": "relative", "positions": "all", "max_new_tokens": 128,
+                      "repetition_penalty": 1.1}
+
+
+def _resolve_steering(args: argparse.Namespace, cfg: dict) -> None:
+    """Fill unset steering options: the command line first, then a gammas.yaml, then the defaults."""
+    for key, default in _STEERING_DEFAULTS.items():
+        if getattr(args, key) is None:
+            value = cfg.get(key, default)
+            if key == "layers" and isinstance(value, list):
+                value = ",".join(str(x) for x in value)
+            setattr(args, key, value)
 
 
 def _steering_layers(args: argparse.Namespace, dirs):  # noqa: ANN001, ANN202
@@ -180,8 +194,9 @@ def _cmd_generate(args: argparse.Namespace) -> list[Path]:
     if args.out.is_dir() and any(args.out.iterdir()) and not (args.out / "generation.json").is_file():
         raise FileExistsError(f"Output folder {args.out} exists and holds no generation run; choose another folder.")
     dirs = DirectionSet.load(args.directions)
-    layers = _steering_layers(args, dirs)
     cfg = load_gammas(args.gammas) if args.gammas is not None else {}
+    _resolve_steering(args, cfg)
+    layers = _steering_layers(args, dirs)
     gamma_pos = args.gamma_pos if args.gamma_pos is not None else cfg.get("gamma_pos", DEFAULT_GAMMA_POS)
     gamma_neg = args.gamma_neg if args.gamma_neg is not None else cfg.get("gamma_neg", DEFAULT_GAMMA_NEG)
     table = _table_rows(args.instructions, args.criterion, dirs)  # fail early on a bad table
@@ -210,6 +225,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> list[Path]:
 
     check_output_folder(args.out, overwrite=args.overwrite)
     dirs = DirectionSet.load(args.directions)
+    _resolve_steering(args, {})
     layers = _steering_layers(args, dirs)
     try:
         gp = [float(x) for x in args.gammas_pos.split(",") if x.strip()]

@@ -20,6 +20,7 @@ better), so any of them plugs into `icon2_lens.calibrate_gamma`:
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Protocol, Sequence
 
 import torch
@@ -56,15 +57,21 @@ def distinct_n(text: str, n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else 1.0
 
 
-def is_degenerate(text: str, *, min_distinct2: float = 0.5, min_char_variety: float = 0.1) -> bool:
+_CHAR_RUN = re.compile(r"(.)\1{19,}", re.S)  # one character 20+ times in a row
+_UNIT_RUN = re.compile(r"(.{2,12}?)\1{9,}", re.S)  # a 2-12 character unit 10+ times in a row
+
+
+def is_degenerate(text: str, *, min_distinct2: float = 0.5) -> bool:
     """Whether a response has degenerated: empty, a loop of repeated words (distinct-2 below
-    ``min_distinct2`` over at least 8 words), or one character/token run (fewer than
-    ``min_char_variety`` distinct characters per character over at least 20 characters).
+    ``min_distinct2`` over at least 8 words), or a run without spaces (one character 20+ times,
+    or a 2-12 character unit 10+ times, in a row).
 
     Examples:
         >>> is_degenerate("Paris is the capital of France.")
         False
         >>> is_degenerate("the the the the the the the the the the")
+        True
+        >>> is_degenerate("ok" + "!" * 30)
         True
     """
     t = text.strip()
@@ -72,7 +79,7 @@ def is_degenerate(text: str, *, min_distinct2: float = 0.5, min_char_variety: fl
         return True
     if len(t.split()) >= 8 and distinct_n(t, 2) < min_distinct2:
         return True
-    return len(t) >= 20 and len(set(t)) / len(t) < min_char_variety
+    return bool(_CHAR_RUN.search(t) or _UNIT_RUN.search(t))
 
 
 class ProbeScorer:

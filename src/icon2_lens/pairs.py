@@ -133,14 +133,22 @@ def generate_steered(
 
 def _table_rows(table: Any, criterion: str | None, directions: DirectionSet) -> list[dict[str, Any]]:
     if isinstance(table, (str, os.PathLike)):
-        from datasets import load_dataset
-
         p = Path(table)
-        files = [p / "selected.jsonl"] if p.is_dir() else [p]
-        if not files[0].is_file():
-            raise FileNotFoundError(f"{files[0]} does not exist; pass a `score` output folder or its selected.jsonl.")
-        table = load_dataset("json", data_files=str(files[0]), split="train")
-    rows = [dict(r) for r in table] if hasattr(table, "column_names") else [dict(r) for r in table]
+        path = p / "selected.jsonl" if p.is_dir() else p
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; pass a `score` output folder or its selected.jsonl.")
+        table = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    table.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{i} is not valid JSON ({exc.msg}).") from exc
+    rows = []
+    for r in table:
+        if not isinstance(r, dict) and not hasattr(r, "keys"):
+            raise ValueError(f"Each table row must be an object with 'instruction' and 'criterion', got {r!r:.60}.")
+        rows.append(dict(r))
     if not rows:
         raise ValueError("The table is empty; score and select some instructions first.")
     missing = [i for i, r in enumerate(rows) if "instruction" not in r]
@@ -236,6 +244,8 @@ def generate_pairs(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}.")
     rows = _table_rows(table, criterion, directions)
+    if layers is not None and not list(layers):
+        raise ValueError("The layer selection is empty; pass at least one layer (or None for the suggested range).")
     layer_list = list(layers) if layers is not None else list(directions.suggested_layers or [])
     steering_vectors(directions, rows[0]["criterion"], gamma_pos, layers=layer_list or None, scale=scale)  # validate
     settings = {"gamma_pos": gamma_pos, "gamma_neg": gamma_neg, "layers": layer_list, "scale": scale,

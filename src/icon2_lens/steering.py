@@ -75,6 +75,11 @@ def steering_vectors(
         layers = directions.suggested_layers
         if not layers:
             raise ValueError("These directions have no suggested layers; run `icon2-lens layers` first or pass layers=.")
+    layers = list(layers)
+    if not layers:
+        raise ValueError("The layer selection is empty; pass at least one layer (or None for the suggested range).")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"Layers repeat in {layers}; pass each layer once.")
     out = {}
     for layer in layers:
         if layer not in directions.layers:
