@@ -137,3 +137,21 @@ def test_scoring_runs_and_is_deterministic(smol, synthesized, instructions):
     assert z["consistency"] != a["consistency"]
     top = il.select_instructions(a, top_k=2)
     assert len(top) == 2 and top["consistency"][0] == max(a["consistency"])
+
+
+# ---- issue 4: steering on the real model ---------------------------------------------------------
+
+
+def test_steered_generation_fast_path_equals_bridge_and_pairs_differ(smol, instructions):
+    from icon2_lens.prompts import render_chat
+
+    dirs = il.extract_directions(smol, ["helpful"], instructions[:8], batch_size=16, progress=False)
+    prompts = [render_chat(smol.tokenizer, q) for q in ("How do I make a cup of tea?", "Name three rivers.")]
+    kw = dict(directions=dirs, criteria="helpful", gammas=[0.1, -0.1], layers=range(15, 25), max_new_tokens=12)
+    fast = il.generate_steered(smol, prompts, **kw)
+    bridge = il.generate_steered(smol, prompts, path="bridge", **kw)
+    assert [r["text"] for r in fast] == [r["text"] for r in bridge]
+    pairs = il.generate_pairs(smol, dirs, [{"instruction": "How do I make a cup of tea?", "criterion": "helpful"}],
+                              layers=range(15, 25), max_new_tokens=16, progress=False)
+    assert pairs[0]["chosen"][0]["content"] != pairs[0]["rejected"][0]["content"]
+    assert pairs[0]["prompt"] == [{"role": "user", "content": "How do I make a cup of tea?"}]
