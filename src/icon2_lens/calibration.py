@@ -49,7 +49,8 @@ class CalibrationResult:
     """The sweep and the chosen strengths.
 
     Attributes:
-        gamma_pos, gamma_neg: the chosen strengths.
+        gamma_pos: the chosen strength of the chosen side.
+        gamma_neg: the chosen strength of the rejected side.
         per_gamma: one dict per gamma: ``gamma``, ``mean_score``, ``degenerate_share``, ``distinct2``, ``n``.
         pairs: one dict per (gamma+, gamma-): ``gamma_pos``, ``gamma_neg``, ``win_share``.
         settings: scorer, layers, scale, decoding, n, win threshold.
@@ -181,17 +182,23 @@ def calibrate_gamma(
     """Sweep gamma+ and gamma- on ``n`` instructions and pick them by the paper's rule (module docs).
 
     Args:
-        model, directions: as for `icon2_lens.generate_pairs`.
+        model: from `icon2_lens.load_model`; must match the directions.
+        directions: the `DirectionSet` (its suggested layers are the default range).
         table: scored/selected instructions (``instruction`` and ``criterion`` columns), a list of
             dicts, or a ``score`` output folder; the first ``n`` rows are used.
         n: instructions (the paper: 100 suffice; 32 is the CPU default here).
-        gammas_pos, gammas_neg: the grid (positive and negative values).
+        gammas_pos: the grid of chosen-side strengths.
+        gammas_neg: the grid of rejected-side strengths (each below every gamma+).
         scorer: a pointwise scorer (default `ProbeScorer` on the model itself), e.g. a
             `RewardModelScorer`, or a `PairwiseJudge` (then a gamma's score is its win rate against
             the unsteered response, and a pair wins when the judge prefers chosen in both orders).
         win_threshold: the share of chosen > rejected a gamma- must exceed.
-        layers, scale, positions, criterion: steering (see `icon2_lens.steer`).
-        max_new_tokens, repetition_penalty: greedy decoding settings of the sweep.
+        layers: steering layers (default: the suggested range; see `icon2_lens.steer`).
+        scale: ``"relative"`` or ``"unit"`` (see `icon2_lens.steer`).
+        positions: ``"all"`` or ``"generated"`` (see `icon2_lens.steer`).
+        criterion: steer every row along this criterion instead of the table's.
+        max_new_tokens: token budget per response (greedy decoding).
+        repetition_penalty: HF repetition penalty of the sweep's decoding.
         batch_size: rows per generation batch (rows mix gammas).
         seed: generation seed.
         progress: progress bar.

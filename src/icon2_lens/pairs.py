@@ -211,11 +211,17 @@ def generate_pairs(
         directions: the `DirectionSet` (its suggested layers are the default range).
         table: rows with ``instruction`` and ``criterion`` (`icon2_lens.select_instructions`'s output,
             a list of dicts, or a ``score`` output folder / JSONL file); ``consistency`` is carried over.
-        gamma_pos, gamma_neg: strengths of the chosen and the rejected side (``gamma_neg < gamma_pos``).
+        gamma_pos: strength of the chosen side (default: the calibrated `DEFAULT_GAMMA_POS`).
+        gamma_neg: strength of the rejected side, below ``gamma_pos`` (default `DEFAULT_GAMMA_NEG`).
         layers: steering layers (default: the suggested range of the directions).
-        scale, positions: see `icon2_lens.steer`.
+        scale: ``"relative"`` (default) or ``"unit"``; see `icon2_lens.steer`.
+        positions: ``"all"`` (default) or ``"generated"``; see `icon2_lens.steer`.
         criterion: steer every row along this criterion instead of the table's.
-        max_new_tokens, do_sample, temperature, top_p, repetition_penalty: decoding (`DEFAULT_DECODING`).
+        max_new_tokens: token budget per response (`DEFAULT_DECODING`: 128).
+        do_sample: sample instead of greedy decoding (default greedy).
+        temperature: sampling temperature (with ``do_sample``).
+        top_p: nucleus sampling mass (with ``do_sample``).
+        repetition_penalty: HF repetition penalty (default 1.1).
         batch_size: instructions per batch (each batch generates ``2 x batch_size`` rows).
         seed: batch ``b`` samples with a seed derived from ``(seed, b)``.
         path: ``"hf"`` (fast path, default) or ``"bridge"``.

@@ -108,7 +108,8 @@ def clean_generations(
         rows: dicts with ``raw`` (the generated user turn, decoded with special tokens, cut before
             the end-of-turn token) and ``finished`` (whether the end-of-turn token came). Other keys
             are carried over.
-        min_words, max_words: length limits in whitespace-separated words.
+        min_words: fewer whitespace-separated words than this is ``too_short``.
+        max_words: more words than this is ``too_long``.
         near_duplicate_threshold: Jaccard similarity of character 5-gram sets at or above which a
             text counts as a near duplicate of an earlier kept one (1.0 disables near-duplicate
             detection beyond exact duplicates).
@@ -240,7 +241,8 @@ def synthesize_instructions(
         model: from `icon2_lens.load_model`; sampling runs HF ``generate`` on
             `LoadedModel.generation_model` (the bridge's weights, HF's fast path; nothing hooked).
         n: number of generations (the kept count is smaller; see the report).
-        temperature, top_p: sampling settings (Magpie: 1.0 and 0.99); ``top_k`` is off.
+        temperature: sampling temperature (Magpie: 1.0).
+        top_p: nucleus sampling mass (Magpie: 0.99); ``top_k`` is off.
         max_new_tokens: budget for one user turn; a turn without end-of-turn token within it is
             dropped as ``truncated``.
         batch_size: generations per batch (all share the prefix, so there is no padding).
@@ -248,7 +250,9 @@ def synthesize_instructions(
             restored afterwards. Same seed and settings, same output.
         system_prompt: ``None`` keeps whatever the template renders without a system message
             (SmolLM2 inserts its default one); a string replaces it.
-        min_words, max_words, near_duplicate_threshold: clean-up rules (`clean_generations`).
+        min_words: clean-up: shorter is ``too_short`` (`clean_generations`).
+        max_words: clean-up: longer is ``too_long``.
+        near_duplicate_threshold: clean-up: character 5-gram Jaccard similarity counted as a near duplicate.
         out: a folder to make the run resumable: raw generations are appended to ``raw.jsonl`` after
             every batch, and a rerun with the same settings continues after the last complete
             batch (a larger ``n`` extends the run). At the end ``instructions.jsonl`` (kept),
