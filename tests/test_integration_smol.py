@@ -127,13 +127,13 @@ def test_synthesis_gives_clean_distinct_instructions(smol, synthesized):
 def test_scoring_runs_and_is_deterministic(smol, synthesized, instructions):
     ds, _ = synthesized
     dirs = il.extract_directions(smol, ["helpful", "honest"], instructions[:8], batch_size=16, progress=False)
-    a = il.score_instructions(smol, dirs, ds, batch_size=8, progress=False)
-    b = il.score_instructions(smol, dirs, ds, batch_size=3, progress=False)
+    a = il.score_instructions(smol, dirs, ds, standardize=False, batch_size=8, progress=False)  # raw Eq. 2
+    b = il.score_instructions(smol, dirs, ds, standardize=False, batch_size=3, progress=False)
     assert a["instruction"] == ds["instruction"]
     for col in ("score_helpful", "score_honest", "consistency"):
         torch.testing.assert_close(torch.tensor(a[col]), torch.tensor(b[col]), atol=1e-4, rtol=1e-5)
     assert set(a["criterion"]) <= {"helpful", "honest"}
-    z = il.score_instructions(smol, dirs, ds, standardize=True, batch_size=8, progress=False)
+    z = il.score_instructions(smol, dirs, ds, batch_size=8, progress=False)  # the default: standardised
     assert z["consistency"] != a["consistency"]
     top = il.select_instructions(a, top_k=2)
     assert len(top) == 2 and top["consistency"][0] == max(a["consistency"])
