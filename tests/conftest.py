@@ -93,6 +93,34 @@ def build_model_folder(folder: Path, *, chat_template: str | None = CHATML, hidd
     return folder
 
 
+@pytest.fixture(scope="session")
+def talker_dir(tmp_path_factory) -> Path:
+    """Folder of a tiny Llama that ends its turn often when sampling (about half the time).
+
+    The plain random tiny model almost never samples its end-of-turn token, so nearly every
+    generation is truncated; here a constant embedding dimension feeds the ``<|im_end|>`` logit.
+    """
+    from transformers import LlamaForCausalLM
+
+    folder = build_model_folder(tmp_path_factory.mktemp("models") / "tiny-talker")
+    hf = LlamaForCausalLM.from_pretrained(folder)
+    end = build_tokenizer().convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        hf.model.embed_tokens.weight[:, 0] = 1.0
+        hf.lm_head.weight[:, 0] = 0.0
+        hf.lm_head.weight[end, 0] = 0.5
+    hf.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def talker(talker_dir):
+    """The talker model loaded through ``icon2_lens.load_model``."""
+    import icon2_lens as il
+
+    return il.load_model(talker_dir, device="cpu")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
     """One torch thread for the whole session. On a busy 2-core machine two threads were measured 2-10x

@@ -660,7 +660,7 @@ def test_cli_calibrate_then_generate(tiny_model, tiny_model_dir, dirs_dir, score
     capsys.readouterr()
     # other settings are refused (the folder is kept), --overwrite starts again; --gamma-pos beats --gammas
     assert _generate(tiny_model_dir, dirs_dir, scored, gen, "--gammas", str(cal), "--gamma-pos", "0.3") == 2
-    assert "other settings (gamma_pos)" in capsys.readouterr().err
+    assert "other settings (gamma_pos:" in capsys.readouterr().err
     assert (gen / "pairs.jsonl").read_bytes() == before
     assert _generate(tiny_model_dir, dirs_dir, scored, gen, "--gammas", str(cal), "--gamma-pos", "0.3",
                      "--overwrite") == 0

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import icon2_lens as il
 from icon2_lens.cli import main
 
-from conftest import build_model_folder, build_tokenizer
 
 INSTR = ["Write a haiku about the sea.", "Explain how DNS works.", "What is the capital of France?",
          "Give me three tips for sleeping better.", "How do I reverse a list in Python?"]
@@ -269,20 +267,6 @@ def test_score_other_model_directions_return_2(other_tiny_model, dirs_dir, to_sc
     assert not out.exists()
 
 
-@pytest.fixture(scope="module")
-def talker_dir(tmp_path_factory):
-    """A tiny Llama that ends its turn often (a constant embedding dimension feeds the <|im_end|> logit)."""
-    from transformers import LlamaForCausalLM
-
-    folder = build_model_folder(tmp_path_factory.mktemp("models") / "tiny-talker")
-    hf = LlamaForCausalLM.from_pretrained(folder)
-    end = build_tokenizer().convert_tokens_to_ids("<|im_end|>")
-    with torch.no_grad():
-        hf.model.embed_tokens.weight[:, 0] = 1.0
-        hf.lm_head.weight[:, 0] = 0.0
-        hf.lm_head.weight[end, 0] = 0.5
-    hf.save_pretrained(folder)
-    return folder
 
 
 def test_synthesize_then_score(talker_dir, tiny_model_dir, dirs_dir, tmp_path):

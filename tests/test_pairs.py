@@ -15,7 +15,7 @@ from icon2_lens.evaluation import pair_report
 from icon2_lens.pairs import _table_rows, generate_pairs, generate_steered
 from icon2_lens.prompts import render_chat
 
-from conftest import INSTRUCTIONS, build_model_folder, build_tokenizer
+from conftest import INSTRUCTIONS
 
 REAL_GENERATE = pairs_mod.generate_steered
 LAYERS = [1, 2]
@@ -142,21 +142,6 @@ def test_criterion_forces_one_and_consistency_is_optional(tiny_model, dirs, monk
     assert _pair_texts(bare) == _pair_texts(ds)
 
 
-@pytest.fixture(scope="module")
-def talker(tmp_path_factory):
-    """A tiny Llama that, sampling, ends its turn after a few tokens about half the time (a constant embedding
-    dimension feeds the <|im_end|> logit), as in test_cli_issue3.py."""
-    from transformers import LlamaForCausalLM
-
-    folder = build_model_folder(tmp_path_factory.mktemp("models") / "tiny-talker")
-    hf = LlamaForCausalLM.from_pretrained(folder)
-    end = build_tokenizer().convert_tokens_to_ids("<|im_end|>")
-    with torch.no_grad():
-        hf.model.embed_tokens.weight[:, 0] = 1.0
-        hf.lm_head.weight[:, 0] = 0.0
-        hf.lm_head.weight[end, 0] = 0.5
-    hf.save_pretrained(folder)
-    return il.load_model(folder, device="cpu")
 
 
 def test_finished_flags_and_cut_at_end_of_turn(talker, dirs):
@@ -260,8 +245,8 @@ def test_rerun_with_other_settings_or_table_is_refused(tiny_model, dirs, tmp_pat
     calls = _record(monkeypatch)
     for kw, names in (({"gamma_pos": 0.5}, "gamma_pos"), ({"max_new_tokens": 5}, "max_new_tokens"),
                       ({"layers": [1, 2, 3]}, "layers"), ({"batch_size": 3}, "batch_size"),
-                      ({"positions": "generated", "seed": 1}, "positions, seed")):
-        with pytest.raises(ValueError, match=f"other settings \\({names}\\)"):
+                      ({"positions": "generated", "seed": 1}, "positions: 'all' there, 'generated' now, seed")):
+        with pytest.raises(ValueError, match=f"other settings \\({names}:"):
             _gen(tiny_model, dirs, TABLE, out=out, **kw)
     with pytest.raises(ValueError, match="another table"):
         _gen(tiny_model, dirs, OTHER_TABLE, out=out)

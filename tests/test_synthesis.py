@@ -11,7 +11,7 @@ import icon2_lens as il
 from icon2_lens.prompts import PreQuery, pre_query_template
 from icon2_lens.synthesis import DROP_REASONS, clean_generations, normalize_text, synthesis_report
 
-from conftest import CHATML, build_model_folder, build_tokenizer
+from conftest import CHATML, build_tokenizer
 
 # ---- chat templates, written out here (no per-model templates in the package) ---------------------
 
@@ -309,25 +309,6 @@ def test_drop_reasons_order():
 # ---- synthesize_instructions on tiny models -----------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def talker(tmp_path_factory):
-    """A tiny Llama that ends its turn often: a constant embedding dimension feeds the <|im_end|> logit.
-
-    The plain random tiny model almost never samples its end-of-turn token, so nearly every generation is
-    dropped as truncated; this one keeps about half, which exercises the kept path end to end.
-    """
-    from transformers import LlamaForCausalLM
-
-    folder = build_model_folder(tmp_path_factory.mktemp("models") / "tiny-talker")
-    hf = LlamaForCausalLM.from_pretrained(folder)
-    tok = build_tokenizer()
-    end = tok.convert_tokens_to_ids("<|im_end|>")
-    with torch.no_grad():
-        hf.model.embed_tokens.weight[:, 0] = 1.0
-        hf.lm_head.weight[:, 0] = 0.0
-        hf.lm_head.weight[end, 0] = 0.5
-    hf.save_pretrained(folder)
-    return il.load_model(folder, device="cpu")
 
 
 def _synth(model, n, out=None, **kw):

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-__all__ = ["atomic_write_text", "atomic_folder", "check_output_folder", "append_jsonl", "read_jsonl_resumable"]
+__all__ = ["atomic_write_text", "atomic_folder", "check_output_folder", "append_jsonl", "read_jsonl_resumable", "open_run_folder"]
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
@@ -123,3 +123,34 @@ def read_jsonl_resumable(path: str | os.PathLike[str], *, unit: int = 1) -> list
         with path.open("r+b") as f:
             f.truncate(ends[n_complete])
     return good[:n_complete]
+
+
+def open_run_folder(out: str | os.PathLike[str], settings: dict[str, Any], *, settings_name: str,
+                    data_name: str, what: str) -> Path:
+    """Prepare a resumable run folder; return the path of its append-only data file.
+
+    A new folder gets ``settings_name`` (JSON). A folder holding a run with the same settings is
+    continued; one with other settings is refused with a message naming each difference; a data
+    file without settings is refused.
+
+    Examples:
+        >>> raw = open_run_folder("runs/synth", {"seed": 0}, settings_name="synthesis.json",  # doctest: +SKIP
+        ...                       data_name="raw.jsonl", what="synthesis")
+    """
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} exists and is a file; choose another output folder.")
+    folder.mkdir(parents=True, exist_ok=True)
+    data_path, settings_path = folder / data_name, folder / settings_name
+    if settings_path.is_file():
+        old = json.loads(settings_path.read_text())
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if diff:
+            said = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+            raise ValueError(f"{folder} holds a {what} run with other settings ({said}); rerun with the same "
+                             "settings to continue it, or choose another output folder (CLI: or --overwrite).")
+    elif data_path.exists():
+        raise ValueError(f"{data_path} exists without {settings_name}; choose another output folder.")
+    else:
+        atomic_write_text(settings_path, json.dumps(settings, indent=2))
+    return data_path

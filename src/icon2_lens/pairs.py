@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .directions import DirectionSet
-from .files import append_jsonl, atomic_write_text, read_jsonl_resumable
+from .files import append_jsonl, atomic_write_text, open_run_folder, read_jsonl_resumable
 from .models import LoadedModel
 from .prompts import pre_query_template, render_chat
 from .steering import Positions, Scale, steer, steering_vectors
@@ -262,20 +262,8 @@ def generate_pairs(
     done: list[dict[str, Any]] = []
     pairs_path = None
     if out is not None:
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        pairs_path = folder / "pairs.jsonl"
-        settings_path = folder / "generation.json"
-        if settings_path.is_file():
-            old = json.loads(settings_path.read_text())
-            diff = [k for k, v in settings.items() if old.get(k) != v]
-            if diff:
-                raise ValueError(f"{folder} holds a generation run with other settings ({', '.join(diff)}); rerun "
-                                 "with the same settings to continue it, or choose another output folder.")
-        elif pairs_path.exists():
-            raise ValueError(f"{pairs_path} exists without generation.json; choose another output folder.")
-        else:
-            atomic_write_text(settings_path, json.dumps(settings, indent=2))
+        pairs_path = open_run_folder(out, settings, settings_name="generation.json", data_name="pairs.jsonl",
+                                     what="generation")
         done = _complete_batches(pairs_path, rows, batch_size)
     tok = model.tokenizer
     n_batches = -(-len(rows) // batch_size)

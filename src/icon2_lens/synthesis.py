@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .files import append_jsonl, atomic_write_text, read_jsonl_resumable
+from .files import append_jsonl, atomic_write_text, open_run_folder, read_jsonl_resumable
 from .models import LoadedModel
 from .prompts import PreQuery, pre_query_template
 
@@ -290,22 +290,8 @@ def synthesize_instructions(
     raw_path = None
     rows: list[dict[str, Any]] = []
     if out is not None:
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        raw_path = folder / "raw.jsonl"
-        settings_path = folder / "synthesis.json"
-        if settings_path.is_file():
-            old = json.loads(settings_path.read_text())
-            diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-            if diff:
-                raise ValueError(
-                    f"{folder} holds a synthesis run with other settings ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
-                    "rerun with the same settings to continue it, or choose another output folder (CLI: or --overwrite)."
-                )
-        elif raw_path.exists():
-            raise ValueError(f"{raw_path} exists without synthesis.json; choose another output folder.")
-        else:
-            atomic_write_text(settings_path, json.dumps(settings, indent=2))
+        raw_path = open_run_folder(out, settings, settings_name="synthesis.json", data_name="raw.jsonl",
+                                   what="synthesis")
         rows = read_jsonl_resumable(raw_path, unit=batch_size)
     n_batches = -(-n // batch_size)
     start = time.perf_counter()
