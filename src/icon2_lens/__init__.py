@@ -27,6 +27,7 @@ from .prompts import pre_query_template, render_chat
 from .scoring import consistency_histogram, score_instructions, select_instructions
 from .steering import Steering, steer
 from .synthesis import synthesis_report, synthesize_instructions
+from .training import TrainResult, train_dpo
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,7 @@ __all__ = [
     "ProbeScorer",
     "RewardModelScorer",
     "Steering",
+    "TrainResult",
     "ModelInfo",
     "builtin_instructions",
     "calibrate_gamma",
@@ -63,6 +65,7 @@ __all__ = [
     "select_instructions",
     "synthesis_report",
     "synthesize_instructions",
+    "train_dpo",
     "split_half_stability",
     "steer",
     "suggest_layer_range",

@@ -144,7 +144,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--win-threshold", type=float, default=0.9)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_cmd_calibrate, batch_size=16)
+
+    p = sub.add_parser("train", help="DPO on preference pairs with TRL; saves a model folder load_model opens")
+    _add_model_args(p)
+    p.add_argument("--pairs", required=True, type=Path, help="a `generate` output folder or its pairs.jsonl")
+    p.add_argument("--out", required=True, type=Path, help="output folder (the trained model, log and curve)")
+    p.add_argument("--preset", default="demo", choices=["demo", "paper"])
+    p.add_argument("--beta", type=float, default=None)
+    p.add_argument("--learning-rate", type=float, default=None)
+    p.add_argument("--epochs", type=float, default=None)
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--gradient-accumulation", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=-1)
+    p.add_argument("--lora", action="store_true", help="train a LoRA adapter (needs peft), merged on save")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=_cmd_train, batch_size=None)
     return parser
+
+
+def _cmd_train(args: argparse.Namespace) -> list[Path]:
+    from .training import train_dpo
+
+    res = train_dpo(args.pairs, model_source=args.model, output_dir=args.out, preset=args.preset, beta=args.beta,
+                    learning_rate=args.learning_rate, epochs=args.epochs, max_length=args.max_length,
+                    batch_size=args.batch_size, gradient_accumulation=args.gradient_accumulation,
+                    max_steps=args.max_steps, lora=args.lora, seed=args.seed, device=args.device,
+                    overwrite=args.overwrite, progress=not args.no_progress)
+    if res.history:
+        first, last = res.history[0], res.history[-1]
+        print(f"{res.steps} steps: loss {first['loss']:.4f} -> {last['loss']:.4f}, "
+              f"reward accuracy {last.get('reward_accuracy', float('nan')):.2f}, "
+              f"margin {last.get('reward_margin', float('nan')):.3f}")
+    return [res.output_dir, res.log_path, res.curve_path]
 
 
 def _add_steering_args(p: argparse.ArgumentParser) -> None:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["generate_pairs", "generate_steered", "DEFAULT_GAMMA_POS", "DEFAULT_GAMMA_NEG", "DEFAULT_DECODING"]
 
 #: Default strengths (``scale="relative"``: fractions of the layer's mean residual norm), from calibration.
-DEFAULT_GAMMA_POS = 0.05
+DEFAULT_GAMMA_POS = 0.07
 DEFAULT_GAMMA_NEG = -0.02
 #: Default decoding settings of `generate_pairs`.
 DEFAULT_DECODING: dict[str, Any] = {"max_new_tokens": 128, "do_sample": False, "temperature": 1.0, "top_p": 1.0,
