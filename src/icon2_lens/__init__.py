@@ -11,7 +11,7 @@ The public surface::
     table = il.score_instructions(model, dirs, ds)            # consistency per criterion (Eq. 2/3)
     kept = il.select_instructions(table, top_fraction=0.1)
     pairs = il.generate_pairs(model, dirs, kept)              # chosen +gamma*u, rejected -gamma*u, one batch
-    with il.steer(model, dirs, "helpful", 0.05): ...            # hooks removed on exit
+    with il.steer(model, dirs, "helpful", 0.07): ...            # hooks removed on exit
 """
 
 from .activations import LastTokenReader, read_last_token

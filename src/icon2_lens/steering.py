@@ -256,7 +256,7 @@ def steer(
         A `Steering`; use it as a context manager. Hooks are removed on exit, also on error.
 
     Examples:
-        >>> with il.steer(model, dirs, "helpful", 0.05, layers=range(15, 25)):  # doctest: +SKIP
+        >>> with il.steer(model, dirs, "helpful", 0.07, layers=range(15, 25)):  # doctest: +SKIP
         ...     out = model.generation_model().generate(ids, max_new_tokens=40)
     """
     directions.check_compatible(model)
