@@ -692,3 +692,24 @@ def test_cli_generate_uses_the_calibrated_scale(tiny_model_dir, dirs_dir, scored
     gen = tmp_path / "gen"
     assert _generate(tiny_model_dir, dirs_dir, scored, gen, "--gammas", str(cfg)) == 0
     assert json.loads((gen / "generation.json").read_text())["scale"] == "unit"
+
+
+def test_parse_verdict_handles_formats_and_garbage():
+    from icon2_lens.evaluation import parse_verdict
+
+    for text, want in [("A", "A"), ("B.", "B"), ("Response B", "B"), ("**A**", "A"), ("The answer is B.", "B"),
+                       ("ranking: A > B", "A"), ("Ranking: (B) > (A)", "B"), ("  a  ", None)]:
+        assert parse_verdict(text) == want, text
+    for garbage in ["", "banana", "Both A and B are fine", "AB", "Alpha Beta", "A B", "\x14\x14"]:
+        assert parse_verdict(garbage) is None, garbage
+
+
+def test_degeneration_stats():
+    from icon2_lens.evaluation import degeneration_stats
+
+    s = degeneration_stats(["one two three four", "go go go go go go go go go go"])
+    assert s["distinct1"] == pytest.approx((1.0 + 0.1) / 2)
+    assert s["repetition_rate"] == pytest.approx((0.0 + 7 / 8) / 2)
+    assert s["degenerate_share"] == 0.5 and s["mean_words"] == 7.0
+    with pytest.raises(ValueError, match="No texts"):
+        degeneration_stats([])

@@ -272,3 +272,41 @@ def pair_report(pairs: Any, *, scorer: Any | None = None, n_examples: int = 5) -
     out["examples"] = [{"instruction": q, "criterion": c, "chosen": a, "rejected": b}
                        for q, c, a, b in list(zip(qs, crits, side["chosen"], side["rejected"]))[:n_examples]]
     return out
+
+
+def parse_verdict(text: str) -> str | None:
+    """The verdict of a text-generating judge: ``"A"``, ``"B"`` or ``None`` when it names neither or both.
+
+    Accepts "A", "Response B", "**A**", "The answer is B.", "ranking: A > B" (the first of a ranking wins);
+    refuses garbage and answers that mention both as winners.
+
+    Examples:
+        >>> parse_verdict("Response B is better."), parse_verdict("ranking: A > B"), parse_verdict("banana")
+        ('B', 'A', None)
+    """
+    t = text.strip()
+    m = re.search(r"ranking\s*:\s*\(?([AB])\)?\s*>", t, re.IGNORECASE)
+    if m:
+        return m.group(1).upper()
+    found = set(re.findall(r"(?<![A-Za-z])([AB])(?![A-Za-z])", t))
+    return found.pop() if len(found) == 1 else None
+
+
+def degeneration_stats(texts: Sequence[str]) -> dict[str, float]:
+    """Distinct-1/2 (mean per text), repetition rate (share of repeated word 3-grams), degenerate share, mean words.
+
+    Examples:
+        >>> degeneration_stats(["a b c d", "x x x x x x"])["degenerate_share"]
+        0.0
+    """
+    if not texts:
+        raise ValueError("No texts to measure.")
+    rep = []
+    for t in texts:
+        w = t.split()
+        grams = [tuple(w[i:i + 3]) for i in range(len(w) - 2)]
+        rep.append(1 - len(set(grams)) / len(grams) if grams else 0.0)
+    n = len(texts)
+    return {"distinct1": sum(distinct_n(t, 1) for t in texts) / n, "distinct2": sum(distinct_n(t, 2) for t in texts) / n,
+            "repetition_rate": sum(rep) / n, "degenerate_share": sum(is_degenerate(t) for t in texts) / n,
+            "mean_words": sum(len(t.split()) for t in texts) / n}
