@@ -21,7 +21,7 @@ from .instructions import builtin_instructions, load_instructions
 from .layers import LayerReport, layer_report, split_half_stability, suggest_layer_range
 from .models import LoadedModel, ModelInfo, load_model
 from .calibration import CalibrationResult, calibrate_gamma, load_gammas
-from .evaluation import PairwiseJudge, ProbeScorer, RewardModelScorer, pair_report
+from .evaluation import PairwiseJudge, ProbeScorer, RewardModelScorer, evaluate, pair_report
 from .pairs import generate_pairs, generate_steered
 from .prompts import pre_query_template, render_chat
 from .scoring import consistency_histogram, score_instructions, select_instructions
@@ -49,6 +49,7 @@ __all__ = [
     "calibrate_gamma",
     "consistency_histogram",
     "directions_from_activations",
+    "evaluate",
     "extract_directions",
     "generate_pairs",
     "generate_steered",

@@ -160,7 +160,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_cmd_train, batch_size=None)
+
+    p = sub.add_parser("evaluate", help="base vs trained model on held-out instructions (probe shift, judge, degeneration)")
+    _add_model_args(p)
+    p.add_argument("--trained", required=True, help="the trained model folder (from `train`)")
+    p.add_argument("--directions", required=True, type=Path, help="the base model's DirectionSet folder")
+    p.add_argument("--instructions", default="heldout",
+                   help="held-out instructions: a built-in set (default 'heldout'), a .txt/.jsonl file or folder")
+    p.add_argument("--n", type=int, default=None, help="use only the first N instructions")
+    p.add_argument("--judge", default=None, help="judge model source (default: the base model)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--out", required=True, type=Path, help="output folder: report.md, metrics.json, PNG, AlpacaEval JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=_cmd_evaluate, batch_size=8)
     return parser
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> list[Path]:
+    import json
+
+    import torch
+
+    from .directions import DirectionSet
+    from .evaluation import PairwiseJudge, evaluate
+    from .files import check_output_folder
+    from .instructions import load_instructions
+    from .models import load_model
+
+    check_output_folder(args.out, overwrite=args.overwrite)
+    dirs = DirectionSet.load(args.directions)
+    instructions = load_instructions(args.instructions, limit=args.n)
+    base = _load(args)
+    trained = load_model(args.trained, device=args.device, dtype=getattr(torch, args.dtype))
+    judge = PairwiseJudge(load_model(args.judge, device=args.device)) if args.judge else None
+    metrics = evaluate(base, trained, dirs, instructions, judge=judge, max_new_tokens=args.max_new_tokens,
+                       batch_size=args.batch_size, out=args.out, overwrite=args.overwrite,
+                       progress=not args.no_progress)
+    print((args.out / "report.md").read_text())
+    print(json.dumps(metrics["judge"]))
+    return [args.out / n for n in ("report.md", "metrics.json", "probe_shift.png", "alpaca_eval_base.json",
+                                   "alpaca_eval_trained.json")]
 
 
 def _cmd_train(args: argparse.Namespace) -> list[Path]:

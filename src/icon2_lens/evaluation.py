@@ -31,7 +31,19 @@ from .models import LoadedModel
 from .prompts import render_chat
 from .scoring import consistency_scores, project
 
-__all__ = ["Scorer", "ProbeScorer", "RewardModelScorer", "PairwiseJudge", "distinct_n", "is_degenerate", "pair_report"]
+__all__ = [
+    "Scorer",
+    "ProbeScorer",
+    "RewardModelScorer",
+    "PairwiseJudge",
+    "distinct_n",
+    "is_degenerate",
+    "pair_report",
+    "parse_verdict",
+    "degeneration_stats",
+    "probe_means",
+    "evaluate",
+]
 
 
 class Scorer(Protocol):
@@ -310,3 +322,161 @@ def degeneration_stats(texts: Sequence[str]) -> dict[str, float]:
     return {"distinct1": sum(distinct_n(t, 1) for t in texts) / n, "distinct2": sum(distinct_n(t, 2) for t in texts) / n,
             "repetition_rate": sum(rep) / n, "degenerate_share": sum(is_degenerate(t) for t in texts) / n,
             "mean_words": sum(len(t.split()) for t in texts) / n}
+
+
+def _answers(model: LoadedModel, instructions: Sequence[str], *, max_new_tokens: int, batch_size: int,
+             progress: bool, desc: str) -> list[str]:
+    from tqdm.auto import tqdm
+
+    from .pairs import generate_steered
+
+    out: list[str] = []
+    with tqdm(total=len(instructions), desc=desc, unit="answer", disable=not progress) as bar:
+        for start in range(0, len(instructions), batch_size):
+            chunk = instructions[start:start + batch_size]
+            rows = generate_steered(model, [render_chat(model.tokenizer, q) for q in chunk],
+                                    max_new_tokens=max_new_tokens, repetition_penalty=1.1)
+            out.extend(r["text"] for r in rows)
+            bar.update(len(chunk))
+    return out
+
+
+def probe_means(model: LoadedModel, directions: DirectionSet, instructions: Sequence[str], *,
+                layers: Sequence[int] | None = None, batch_size: int = 16) -> dict[str, float]:
+    """Mean standardised projection of the model's last-token residual (instruction as the user
+    turn, no system prompt of our own) on each criterion's direction, averaged over ``layers``.
+
+    Examples:
+        >>> probe_means(trained, base_dirs, heldout)["helpful"]  # doctest: +SKIP
+        0.12
+    """
+    from .activations import read_last_token
+    from .prompts import scoring_texts
+
+    directions.check_compatible(model)
+    layer_ids = list(layers or directions.suggested_layers or directions.layers)
+    cols = [directions.layers.index(x) for x in layer_ids]
+    h = read_last_token(model, scoring_texts(model.tokenizer, instructions), hook=directions.hook, layers=layer_ids,
+                        batch_size=batch_size, progress=False)
+    z = consistency_scores(project(h, directions.vectors[:, cols]), mean=directions.stats["proj_mean"][:, cols],
+                           std=directions.stats["proj_std"][:, cols]).mean(0)
+    return {c: float(z[i]) for i, c in enumerate(directions.criteria)}
+
+
+def evaluate(
+    base: LoadedModel,
+    trained: LoadedModel,
+    directions: DirectionSet,
+    instructions: Sequence[str],
+    *,
+    judge: Any | None = None,
+    layers: Sequence[int] | None = None,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    training_instructions: Sequence[str] | None = None,
+    out: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Base vs trained model on held-out instructions: probe shift, pairwise judge, degeneration.
+
+    Args:
+        base: the model before training (its directions are the probes).
+        trained: the trained model (same shape: `DirectionSet.check_compatible` must pass).
+        directions: the base model's `DirectionSet`.
+        instructions: held-out instructions (not trained on).
+        judge: a `PairwiseJudge` (default: the base model judging, both orders, flips are ties).
+        layers: probe layers (default: the suggested range).
+        max_new_tokens: answer budget (greedy, repetition penalty 1.1).
+        batch_size: answers per generation batch.
+        training_instructions: if given, a warning names the overlap with ``instructions``.
+        out: a folder for ``metrics.json``, ``report.md``, ``probe_shift.png`` and the AlpacaEval-format
+            ``alpaca_eval_base.json`` / ``alpaca_eval_trained.json`` (written atomically).
+        overwrite: replace an existing ``out``.
+        progress: progress bars.
+
+    Returns:
+        The metrics: ``probe`` (per criterion: base, trained, shift), ``judge`` (win, tie, loss rates of
+        trained vs base), ``degeneration`` (per model), ``n``.
+
+    Examples:
+        >>> m = il.evaluate(base, trained, dirs, heldout, out="runs/eval")  # doctest: +SKIP
+    """
+    import json as _json
+    import warnings
+
+    from .files import atomic_folder, check_output_folder
+
+    instructions = list(instructions)
+    if not instructions:
+        raise ValueError("No held-out instructions to evaluate on.")
+    if out is not None:
+        check_output_folder(out, overwrite=overwrite)
+    directions.check_compatible(base)
+    directions.check_compatible(trained)
+    if training_instructions is not None:
+        overlap = set(instructions) & set(training_instructions)
+        if overlap:
+            warnings.warn(f"{len(overlap)} of the {len(instructions)} evaluation instructions were trained on "
+                          f"(e.g. {sorted(overlap)[0]!r}); the evaluation is not held out.", stacklevel=2)
+    ans_base = _answers(base, instructions, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+                        desc="base answers")
+    ans_trained = _answers(trained, instructions, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           progress=progress, desc="trained answers")
+    pb = probe_means(base, directions, instructions, layers=layers)
+    pt = probe_means(trained, directions, instructions, layers=layers)
+    judge = judge if judge is not None else PairwiseJudge(base)
+    verdict = judge.compare(instructions, ans_trained, ans_base)
+    n = len(instructions)
+    metrics: dict[str, Any] = {
+        "n": n,
+        "probe": {c: {"base": pb[c], "trained": pt[c], "shift": pt[c] - pb[c]} for c in directions.criteria},
+        "judge": {"name": getattr(judge, "name", type(judge).__name__),
+                  "win": sum(v == 1.0 for v in verdict) / n, "tie": sum(v == 0.5 for v in verdict) / n,
+                  "loss": sum(v == 0.0 for v in verdict) / n},
+        "degeneration": {"base": degeneration_stats(ans_base), "trained": degeneration_stats(ans_trained)},
+        "models": {"base": base.info.model_id, "trained": trained.info.model_id},
+    }
+    if out is not None:
+        with atomic_folder(out, overwrite=overwrite) as tmp:
+            (tmp / "metrics.json").write_text(_json.dumps(metrics, indent=2))
+            for name, model, answers in (("base", base, ans_base), ("trained", trained, ans_trained)):
+                rows = [{"instruction": q, "output": a, "generator": model.info.model_id}
+                        for q, a in zip(instructions, answers)]
+                (tmp / f"alpaca_eval_{name}.json").write_text(_json.dumps(rows, indent=2))
+            (tmp / "report.md").write_text(_report_md(metrics))
+            _probe_figure(metrics).savefig(tmp / "probe_shift.png", dpi=110)
+    return metrics
+
+
+def _report_md(m: dict[str, Any]) -> str:
+    lines = [f"# Evaluation: {m['models']['trained']} vs {m['models']['base']} ({m['n']} held-out instructions)", "",
+             "## Probe shift (mean standardised projection on the base model's directions)", "",
+             "| criterion | base | trained | shift |", "|---|---|---|---|"]
+    lines += [f"| {c} | {v['base']:.3f} | {v['trained']:.3f} | {v['shift']:+.3f} |" for c, v in m["probe"].items()]
+    j = m["judge"]
+    lines += ["", f"## Pairwise judge ({j['name']}, both orders; a flip is a tie)", "",
+              "| win | tie | loss |", "|---|---|---|", f"| {j['win']:.2f} | {j['tie']:.2f} | {j['loss']:.2f} |", "",
+              "## Degeneration", "", "| model | distinct-1 | distinct-2 | repetition | degenerate | mean words |",
+              "|---|---|---|---|---|---|"]
+    for name, d in m["degeneration"].items():
+        lines.append(f"| {name} | {d['distinct1']:.2f} | {d['distinct2']:.2f} | {d['repetition_rate']:.2f} | "
+                     f"{d['degenerate_share']:.2f} | {d['mean_words']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _probe_figure(m: dict[str, Any]) -> Any:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.subplots()
+    crits = list(m["probe"])
+    xs = range(len(crits))
+    ax.bar([x - 0.2 for x in xs], [m["probe"][c]["base"] for c in crits], width=0.4, label="base")
+    ax.bar([x + 0.2 for x in xs], [m["probe"][c]["trained"] for c in crits], width=0.4, label="trained")
+    ax.set_xticks(list(xs), crits)
+    ax.set_ylabel("mean standardised projection")
+    ax.axhline(0, color="0.5", lw=0.8)
+    ax.legend()
+    fig.tight_layout()
+    return fig
