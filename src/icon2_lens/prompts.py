@@ -35,6 +35,12 @@ def require_chat_template(tokenizer: Any) -> None:
         )
 
 
+def _messages(system: str | None, user: str) -> list[dict[str, str]]:
+    """A system message (if given) and a user message, in chat-template form."""
+    head = [{"role": "system", "content": system}] if system is not None else []
+    return [*head, {"role": "user", "content": user}]
+
+
 def render_chat(
     tokenizer: Any,
     user: str,
@@ -57,10 +63,7 @@ def render_chat(
         '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
     """
     require_chat_template(tokenizer)
-    messages: list[dict[str, str]] = []
-    if system is not None:
-        messages.append({"role": "system", "content": system})
-    messages.append({"role": "user", "content": user})
+    messages = _messages(system, user)
     if assistant is None:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     messages.append({"role": "assistant", "content": assistant})
@@ -109,11 +112,8 @@ def pre_query_template(tokenizer: Any, *, system_prompt: str | None = None) -> P
         '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, ...<|im_end|>\n<|im_start|>user\n'
     """
     require_chat_template(tokenizer)
-    messages: list[dict[str, str]] = []
-    if system_prompt is not None:
-        messages.append({"role": "system", "content": system_prompt})
-    messages.append({"role": "user", "content": _SENTINEL})
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    text = tokenizer.apply_chat_template(_messages(system_prompt, _SENTINEL), tokenize=False,
+                                         add_generation_prompt=False)
     if text.count(_SENTINEL) != 1:
         raise ValueError(
             "The chat template does not render the user message verbatim exactly once, so the pre-query "
