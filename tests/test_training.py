@@ -35,6 +35,7 @@ def test_training_lowers_loss_and_saves_a_loadable_folder(tiny_model_dir, tmp_pa
     base = il.load_model(tiny_model_dir, device="cpu")
     assert trained.info.fingerprint == base.info.fingerprint  # same shape: the base's directions apply
     assert trained.tokenizer.chat_template == base.tokenizer.chat_template
+    assert trained.generation_model().config.use_cache  # the trainer switches the KV cache off; saved on again
     assert not (tmp_path / ".out.trainer").exists()  # the trainer's scratch folder is removed
 
 

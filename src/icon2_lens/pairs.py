@@ -110,7 +110,8 @@ def generate_steered(
                 sample_kwargs = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
                 out = model.generation_model().generate(
                     input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                    repetition_penalty=repetition_penalty, eos_token_id=stop, pad_token_id=pad_id, **sample_kwargs)
+                    repetition_penalty=repetition_penalty, eos_token_id=stop, pad_token_id=pad_id, use_cache=True,
+                    **sample_kwargs)
             elif path == "bridge":
                 out = model.bridge.generate(
                     input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,

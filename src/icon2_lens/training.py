@@ -207,6 +207,7 @@ def train_dpo(
     model = trainer.model
     if lora:
         model = model.merge_and_unload()
+    model.config.use_cache = True  # the trainer turns the KV cache off; generation from the saved folder needs it
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     curve = out / "train_curve.png"
