@@ -155,3 +155,39 @@ def test_steered_generation_fast_path_equals_bridge_and_pairs_differ(smol, instr
                               layers=range(15, 25), max_new_tokens=16, progress=False)
     assert pairs[0]["chosen"][0]["content"] != pairs[0]["rejected"][0]["content"]
     assert pairs[0]["prompt"] == [{"role": "user", "content": "How do I make a cup of tea?"}]
+
+
+def test_generation_costs_count_the_real_generated_tokens(smol):
+    prompts = [il.render_chat(smol.tokenizer, q) for q in ("Say hi.", "Write a long story about a dragon.")]
+    with il.measure_costs("gen", smol) as meter:
+        rows = il.generate_steered(smol, prompts, max_new_tokens=40)
+    assert rows[0]["finished"] and rows[0]["n_tokens"] < 40 <= rows[1]["n_tokens"]  # one stops early
+    assert meter.costs.generated_tokens == sum(r["n_tokens"] for r in rows)
+    assert meter.costs.forward_passes == 40
+
+
+def test_pipeline_tiny_config_end_to_end(smol, tmp_path):
+    """`icon2-lens run` on the embedded model with a tiny config: every stage, a report, then a no-op rerun."""
+    from icon2_lens.cli import main
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(
+        "extract: {n_instructions: 8}\n"
+        "layers: {n_heldout: 4, n_paraphrase_instructions: 1}\n"
+        "synthesize: {n: 8, batch_size: 8, max_new_tokens: 48}\n"
+        "score: {top_k: 2}\n"
+        "generate: {max_new_tokens: 16, batch_size: 2}\n"
+        "train: {max_steps: 1}\n"
+        "evaluate: {n: 2, max_new_tokens: 16, batch_size: 2}\n")
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    report = (out / "report.md").read_text()
+    assert "per kept pair (2)" in report and "Probe shift" in report and "| win | tie | loss |" in report
+    costs = {s: il.load_costs(out / s) for s in ("extract", "layers", "synthesize", "score", "generate", "train",
+                                                 "evaluate")}
+    assert costs["generate"].rows == 2 and costs["generate"].generated_tokens > 0
+    assert costs["synthesize"].generated_tokens > 0 and costs["train"].forward_passes == 2
+    trained = il.load_model(out / "train" / "trained_model", device="cpu")
+    assert trained.info.fingerprint == smol.info.fingerprint
+    res = il.run_pipeline(None, out=out, progress=False, log=None)
+    assert res.ran == [] and len(res.skipped) == 7

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .files import atomic_write_text
+from .files import atomic_folder, atomic_write_text
 
 if TYPE_CHECKING:
     import datasets
+
+    from .costs import CostMeter
     import matplotlib.figure
 
 __all__ = ["train_dpo", "TrainResult", "PRESETS", "load_train_log", "train_curve"]
@@ -117,6 +119,7 @@ def train_dpo(
     device: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    costs: "CostMeter | None" = None,
 ) -> TrainResult:
     """Train a fresh copy of the model with DPO on ``pairs`` and save it as an HF folder.
 
@@ -138,17 +141,18 @@ def train_dpo(
         device: ``"cpu"``/``"cuda"`` (default: CUDA if available).
         overwrite: replace an existing output folder.
         progress: show the trainer's progress bar.
+        costs: a `icon2_lens.costs.CostMeter` (from `icon2_lens.measure_costs`) that should count the
+            forward passes and tokens of the policy and reference models made here.
 
     Returns:
-        A `TrainResult`.
+        A `TrainResult`. The folder is written atomically: an interrupted run leaves no partial folder.
 
     Examples:
         >>> res = il.train_dpo("runs/pairs", output_dir="runs/trained", max_steps=10)  # doctest: +SKIP
         >>> trained = il.load_model(res.output_dir)  # doctest: +SKIP
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .files import check_output_folder
     from .models import _resolve_source
@@ -180,8 +184,31 @@ def train_dpo(
         peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM")
     else:
         ref = AutoModelForCausalLM.from_pretrained(hf_path, local_files_only=True, dtype=torch.float32)
+    if costs is not None:
+        for m in (policy, ref):
+            if m is not None:
+                costs.watch(m, stop_ids=[tokenizer.pad_token_id, tokenizer.eos_token_id])
     work = out.parent / f".{out.name}.trainer"
-    out.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        steps, history = _train(policy, ref, peft_config, tokenizer, dataset, cfg, work=work, tmp=tmp,
+                                max_steps=max_steps, lora=lora, device=device, seed=seed, progress=progress)
+        atomic_write_text(tmp / "train_config.json", json.dumps(
+            {**cfg, "preset": preset, "max_steps": max_steps, "lora": lora, "seed": seed, "base_model": model_id,
+             "n_pairs": len(dataset), "steps": steps}, indent=2))
+    return TrainResult(output_dir=out, log_path=out / "train_log.jsonl", curve_path=out / "train_curve.png",
+                       steps=steps, history=history)
+
+
+def _train(policy: Any, ref: Any, peft_config: Any, tokenizer: Any, dataset: Any, cfg: dict[str, Any], *,
+           work: Path, tmp: Path, max_steps: int, lora: bool, device: str, seed: int,
+           progress: bool) -> tuple[int, list[dict[str, Any]]]:
+    """Run TRL's DPOTrainer; save the model, tokenizer, log and curve into ``tmp``."""
+    import shutil
+
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    out = tmp
     log_path = out / "train_log.jsonl"
     history: list[dict[str, Any]] = []
 
@@ -203,20 +230,15 @@ def train_dpo(
     )
     trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[_Log()])
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the trainer's scratch folder (no checkpoints are kept)
     model = trainer.model
     if lora:
         model = model.merge_and_unload()
     model.config.use_cache = True  # the trainer turns the KV cache off; generation from the saved folder needs it
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    curve = out / "train_curve.png"
-    train_curve(history).savefig(curve, dpi=110)
-    atomic_write_text(out / "train_config.json", json.dumps(
-        {**cfg, "preset": preset, "max_steps": max_steps, "lora": lora, "seed": seed, "base_model": model_id,
-         "n_pairs": len(dataset), "steps": int(trainer.state.global_step)}, indent=2))
-    import shutil
-
-    shutil.rmtree(work, ignore_errors=True)
-    return TrainResult(output_dir=out, log_path=log_path, curve_path=curve, steps=int(trainer.state.global_step),
-                       history=history)
+    train_curve(history).savefig(out / "train_curve.png", dpi=110)
+    return int(trainer.state.global_step), history
