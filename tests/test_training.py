@@ -36,7 +36,7 @@ def test_training_lowers_loss_and_saves_a_loadable_folder(tiny_model_dir, tmp_pa
     assert trained.info.fingerprint == base.info.fingerprint  # same shape: the base's directions apply
     assert trained.tokenizer.chat_template == base.tokenizer.chat_template
     assert trained.generation_model().config.use_cache  # the trainer switches the KV cache off; saved on again
-    assert not (tmp_path / ".out.trainer").exists()  # the trainer's scratch folder is removed
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no scratch or temp folder is left behind
 
 
 def test_training_bad_input(tiny_model_dir, tmp_path):
@@ -68,3 +68,12 @@ def test_cli_train(tiny_model_dir, tmp_path, capsys):
     assert len(load_train_log(out)) == 2
     assert main(["train", "--model", str(tiny_model_dir), "--pairs", str(tmp_path / "none.jsonl"),
                  "--out", str(tmp_path / "t2")]) == 2
+
+
+def test_non_main_process_writes_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    """Under accelerate/torchrun every process runs train_dpo; only RANK 0 may write the folder."""
+    monkeypatch.setenv("RANK", "1")
+    res = train_dpo(PAIRS[:2], model_source=tiny_model_dir, output_dir=tmp_path / "out", max_steps=1, device="cpu",
+                    progress=False)
+    assert res.steps == 1
+    assert list(tmp_path.iterdir()) == []  # nothing written, scratch removed

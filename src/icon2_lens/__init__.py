@@ -12,6 +12,8 @@ The public surface::
     kept = il.select_instructions(table, top_fraction=0.1)
     pairs = il.generate_pairs(model, dirs, kept)              # chosen +gamma*u, rejected -gamma*u, one batch
     with il.steer(model, dirs, "helpful", 0.07): ...            # hooks removed on exit
+    il.train_dpo(pairs, output_dir="out/trained")              # TRL DPO on a fresh HF copy
+    il.run_pipeline(out="runs/icon2")                         # everything, resumable, with costs and a report
 """
 
 from .activations import LastTokenReader, read_last_token
@@ -20,11 +22,14 @@ from .directions import DirectionSet, directions_from_activations, extract_direc
 from .instructions import builtin_instructions, load_instructions
 from .layers import LayerReport, layer_report, split_half_stability, suggest_layer_range
 from .models import LoadedModel, ModelInfo, load_model
+from .costs import StageCost, cost_table, load_costs, measure_costs
 from .calibration import CalibrationResult, calibrate_gamma, load_gammas
 from .evaluation import PairwiseJudge, ProbeScorer, RewardModelScorer, evaluate, pair_report
 from .pairs import generate_pairs, generate_steered
+from .pipeline import PipelineResult, RunConfig, load_config, run_pipeline
 from .prompts import pre_query_template, render_chat
-from .scoring import consistency_histogram, score_instructions, select_instructions
+from .scoring import consistency_histogram, save_scores, score_instructions, select_instructions
+from .shards import merge_shards
 from .steering import Steering, steer
 from .synthesis import synthesis_report, synthesize_instructions
 from .training import TrainResult, train_dpo
@@ -44,10 +49,14 @@ __all__ = [
     "RewardModelScorer",
     "Steering",
     "TrainResult",
+    "PipelineResult",
+    "RunConfig",
+    "StageCost",
     "ModelInfo",
     "builtin_instructions",
     "calibrate_gamma",
     "consistency_histogram",
+    "cost_table",
     "directions_from_activations",
     "evaluate",
     "extract_directions",
@@ -55,13 +64,19 @@ __all__ = [
     "generate_steered",
     "layer_report",
     "load_criteria",
+    "load_config",
+    "load_costs",
     "load_gammas",
     "load_instructions",
     "load_model",
+    "measure_costs",
     "pair_report",
     "read_last_token",
+    "run_pipeline",
     "pre_query_template",
     "render_chat",
+    "merge_shards",
+    "save_scores",
     "score_instructions",
     "select_instructions",
     "synthesis_report",

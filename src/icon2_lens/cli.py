@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--near-duplicate-threshold", type=float, default=0.8,
                    help="character 5-gram Jaccard similarity counted as a near duplicate (1.0: exact only)")
     p.add_argument("--overwrite", action="store_true", help="discard an earlier run in --out instead of continuing it")
+    _add_shard_arg(p)
     p.set_defaults(func=_cmd_synthesize, batch_size=16)
 
     p = sub.add_parser("score", help="score instructions' inherent consistency with each criterion and select the best")
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     rule.add_argument("--threshold", type=float, default=None, help="keep consistency >= this")
     p.add_argument("--balance-criteria", action="store_true", help="apply the rule within each assigned criterion")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_shard_arg(p)
     p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("generate", help="bidirectional steered generation into DPO preference pairs")
@@ -130,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--path", default="hf", choices=["hf", "bridge"], help="fast HF path (default) or the bridge")
     p.add_argument("--overwrite", action="store_true", help="discard an earlier run in --out instead of continuing it")
+    _add_shard_arg(p)
     p.set_defaults(func=_cmd_generate, batch_size=8)
 
     p = sub.add_parser("calibrate", help="sweep gamma+ / gamma- and pick them by the paper's rule")
@@ -173,7 +176,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder: report.md, metrics.json, PNG, AlpacaEval JSON")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_cmd_evaluate, batch_size=8)
+
+    p = sub.add_parser("run", help="the whole method, resumable: extract, layers, synthesize, score, generate, "
+                                   "train, evaluate (default: the demo size on the embedded model)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="YAML config (unknown keys and wrong types are errors); default: the run directory's "
+                        "config.yaml, else the built-in demo config")
+    p.add_argument("--out", type=Path, default=Path("runs/icon2"), help="run directory (default runs/icon2)")
+    p.add_argument("--update", action="store_true",
+                   help="apply a --config that differs from the run directory's: re-runs the changed stages and "
+                        "those downstream of them")
+    p.add_argument("--stop-after", default=None, help="stop after this stage (e.g. generate)")
+    p.add_argument("--print-config", action="store_true", help="print the full default config as YAML and exit")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("merge", help="merge the shard folders of a sharded synthesize/score/generate run (--shard i/n)")
+    p.add_argument("stage", choices=["synthesize", "score", "generate"], help="the stage the shards ran")
+    p.add_argument("shards", nargs="+", type=Path, metavar="SHARD_DIR",
+                   help="the shard output folders, every shard i/n exactly once")
+    p.add_argument("--out", required=True, type=Path,
+                   help="output folder: the files the unsharded command writes (generate: report.json without "
+                        "the model's win share)")
+    rule = p.add_mutually_exclusive_group()
+    rule.add_argument("--top-fraction", type=float, default=None, help="score: keep this share (default 0.1)")
+    rule.add_argument("--top-k", type=int, default=None, help="score: keep the best K")
+    rule.add_argument("--threshold", type=float, default=None, help="score: keep consistency >= this")
+    p.add_argument("--balance-criteria", action="store_true", help="score: apply the rule within each criterion")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=_cmd_merge)
     return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> list[Path]:
+    import yaml
+
+    from .pipeline import RunConfig, run_pipeline
+
+    if args.print_config:
+        print(yaml.safe_dump(RunConfig().to_dict(), sort_keys=False), end="")
+        return []
+    res = run_pipeline(args.config, out=args.out, update=args.update, stop_after=args.stop_after,
+                       progress=not args.no_progress)
+    print(f"\nreport: {res.report}")
+    return [res.report, args.out / "config.yaml", args.out / "manifest.json"]
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> list[Path]:
@@ -260,6 +306,7 @@ def _cmd_generate(args: argparse.Namespace) -> list[Path]:
     from .directions import DirectionSet
     from .pairs import DEFAULT_GAMMA_NEG, DEFAULT_GAMMA_POS, _table_rows, generate_pairs
 
+    shard = _shard_from_args(args)
     if args.out.exists() and not args.out.is_dir():
         raise FileExistsError(f"{args.out} exists and is a file; choose another output folder.")
     if args.out.is_dir() and any(args.out.iterdir()) and not (args.out / "generation.json").is_file():
@@ -278,7 +325,11 @@ def _cmd_generate(args: argparse.Namespace) -> list[Path]:
         model, dirs, table, gamma_pos=gamma_pos, gamma_neg=gamma_neg, layers=layers, scale=args.scale,
         positions=args.positions, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
         temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-        batch_size=args.batch_size, seed=args.seed, path=args.path, out=args.out, progress=not args.no_progress)
+        batch_size=args.batch_size, seed=args.seed, path=args.path, out=args.out, progress=not args.no_progress,
+        shard=shard)
+    if shard is not None:  # the pair report needs all pairs: `icon2-lens merge generate` writes it
+        print(f"shard {shard[0]}/{shard[1]}: {len(pairs)} pairs")
+        return [args.out / "pairs.jsonl", args.out / "generation.json", args.out / "shard.json"]
     from .evaluation import ProbeScorer, pair_report
     from .files import atomic_write_text
 
@@ -342,6 +393,7 @@ def _cmd_synthesize(args: argparse.Namespace) -> list[Path]:
 
     from .synthesis import synthesize_instructions, synthesis_report
 
+    shard = _shard_from_args(args)
     if args.out.exists() and not args.out.is_dir():
         raise FileExistsError(f"{args.out} exists and is a file; choose another output folder.")
     if args.out.is_dir() and any(args.out.iterdir()) and not (args.out / "synthesis.json").is_file():
@@ -354,47 +406,86 @@ def _cmd_synthesize(args: argparse.Namespace) -> list[Path]:
         model, args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, seed=args.seed, system_prompt=args.system_prompt, min_words=args.min_words,
         max_words=args.max_words, near_duplicate_threshold=args.near_duplicate_threshold, out=args.out,
-        progress=not args.no_progress)
+        progress=not args.no_progress, shard=shard)
+    if shard is not None:  # clean-up and de-duplication need all shards: `icon2-lens merge synthesize`
+        print(f"shard {shard[0]}/{shard[1]}: {synthesis_report(ds)['generated']} generations (cleaned by the merge)")
+        return [args.out / n for n in ("raw.jsonl", "synthesis.json", "shard.json")]
     print(json.dumps(synthesis_report(ds), indent=2))
     return [args.out / n for n in ("instructions.jsonl", "dropped.jsonl", "report.json", "raw.jsonl")]
 
 
 def _cmd_score(args: argparse.Namespace) -> list[Path]:
     import json
-    from collections import Counter
 
     from .directions import DirectionSet
-    from .files import atomic_folder, check_output_folder
+    from .files import check_output_folder
     from .instructions import load_instructions
-    from .scoring import consistency_histogram, score_instructions, select_instructions
+    from .scoring import save_scores, score_instructions
 
+    shard = _shard_from_args(args)
+    selection = {"top_fraction": args.top_fraction, "top_k": args.top_k, "threshold": args.threshold,
+                 "balance_criteria": args.balance_criteria}
+    if shard is not None and (any(selection[k] is not None for k in ("top_fraction", "top_k", "threshold"))
+                              or args.balance_criteria):
+        raise ValueError("A shard is not selected on its own (the selection needs all rows); give --top-fraction, "
+                         "--top-k, --threshold or --balance-criteria to `icon2-lens merge score` instead.")
     check_output_folder(args.out, overwrite=args.overwrite)
     layers = _parse_layers(args.layers)
     dirs = DirectionSet.load(args.directions)
     instructions = load_instructions(args.instructions)  # fail early on a bad file
     model = _load(args)
     table = score_instructions(model, dirs, instructions, layers=layers, standardize=args.standardize,
-                               render=args.render, batch_size=args.batch_size, progress=not args.no_progress)
-    selected = select_instructions(table, top_fraction=args.top_fraction, top_k=args.top_k, threshold=args.threshold,
-                                   balance_criteria=args.balance_criteria)
-    report = {
-        "settings": json.loads(table.info.description),
-        "selection": {"top_fraction": args.top_fraction, "top_k": args.top_k, "threshold": args.threshold,
-                      "balance_criteria": args.balance_criteria},
-        "scored": len(table),
-        "selected": len(selected),
-        "criterion_all": dict(Counter(table["criterion"])),
-        "criterion_selected": dict(Counter(selected["criterion"])),
-        "lowest_selected_consistency": min(selected["consistency"]),
-    }
-    names = ["scores.jsonl", "selected.jsonl", "consistency_hist.png", "score_report.json"]
-    with atomic_folder(args.out, overwrite=args.overwrite) as tmp:
-        table.to_json(tmp / names[0], lines=True)
-        selected.to_json(tmp / names[1], lines=True)
-        consistency_histogram(table, selected).savefig(tmp / names[2], dpi=110)
-        (tmp / names[3]).write_text(json.dumps(report, indent=2))
+                               render=args.render, batch_size=args.batch_size, progress=not args.no_progress,
+                               shard=shard)
+    written = save_scores(table, args.out, overwrite=args.overwrite, **(selection if shard is None else {}))
+    if shard is not None:
+        print(f"shard {shard[0]}/{shard[1]}: {len(table)} instructions scored")
+        return written
+    report = json.loads((args.out / "score_report.json").read_text())
     print(json.dumps({k: report[k] for k in ("scored", "selected", "criterion_all", "criterion_selected")}, indent=2))
+    return written
+
+
+def _cmd_merge(args: argparse.Namespace) -> list[Path]:
+    import json
+
+    from .shards import merge_shards
+
+    ds = merge_shards(args.stage, args.shards, out=args.out, overwrite=args.overwrite, top_fraction=args.top_fraction,
+                      top_k=args.top_k, threshold=args.threshold, balance_criteria=args.balance_criteria)
+    names = {"synthesize": ["instructions.jsonl", "dropped.jsonl", "report.json", "raw.jsonl", "synthesis.json"],
+             "score": ["scores.jsonl", "selected.jsonl", "consistency_hist.png", "score_report.json"],
+             "generate": ["pairs.jsonl", "generation.json", "report.json"]}[args.stage]
+    summary = json.loads((args.out / names[2 if args.stage != "score" else 3]).read_text())
+    if args.stage == "score":
+        summary = {k: summary[k] for k in ("scored", "selected", "criterion_all", "criterion_selected")}
+    elif args.stage == "generate":
+        summary.pop("examples", None)
+    print(f"merged {len(args.shards)} {args.stage} shards: {len(ds)} rows")
+    print(json.dumps(summary, indent=2))
     return [args.out / n for n in names]
+
+
+def _add_shard_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shard", default=None, metavar="i/n|auto",
+                   help="run only shard i of n (from 0) of the batches, for data-parallel runs; 'auto': RANK/WORLD_SIZE "
+                        "as set by accelerate launch or torchrun. '{shard}' in --out becomes i. Merge the shard "
+                        "folders with `icon2-lens merge`")
+
+
+def _shard_from_args(args: argparse.Namespace) -> tuple[int, int] | None:
+    """Resolve --shard; put the shard index into --out's '{shard}' and pick cuda:LOCAL_RANK under a launcher."""
+    from .shards import parse_shard, shard_device
+
+    if args.shard is None:
+        if "{shard}" in str(args.out):
+            raise ValueError(f"--out {args.out} contains '{{shard}}' but no --shard was given.")
+        return None
+    shard = parse_shard(args.shard)
+    args.out = Path(str(args.out).replace("{shard}", str(shard[0])))
+    if args.device is None:
+        args.device = shard_device()
+    return shard
 
 
 def _cmd_extract(args: argparse.Namespace) -> list[Path]:
@@ -442,7 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"icon2-lens {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    print("\nwrote:")
+    if written:
+        print("\nwrote:")
     for path in written:
         print(f"  {path}")
     return 0

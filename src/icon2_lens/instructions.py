@@ -91,6 +91,11 @@ def load_instructions(
         if path.is_dir() and (path / "instructions.jsonl").is_file():  # a `synthesize` output folder
             where = str(path / "instructions.jsonl")
             items = _from_jsonl(path / "instructions.jsonl", column)
+        elif path.is_dir() and (path / "synthesis.json").is_file() and (path / "shard.json").is_file():
+            raise FileNotFoundError(
+                f"{path} is one shard of a sharded synthesis run; clean-up and de-duplication need all shards: "
+                "merge them first (icon2-lens merge synthesize --out DIR SHARD_DIR ...) and use the merged folder."
+            )
         elif path.is_dir() and (path / "synthesis.json").is_file():
             raise FileNotFoundError(
                 f"{path} is a synthesis run without instructions.jsonl yet (it was interrupted); rerun "

@@ -24,6 +24,7 @@ from .directions import DirectionSet
 from .files import append_jsonl, atomic_write_text, open_run_folder, read_jsonl_resumable
 from .models import LoadedModel
 from .prompts import pre_query_template, render_chat
+from .shards import SHARD_FILE, check_shard, shard_batches, shard_label, write_shard_file
 from .steering import Positions, Scale, steer, steering_vectors
 
 if TYPE_CHECKING:
@@ -137,6 +138,9 @@ def _table_rows(table: Any, criterion: str | None, directions: DirectionSet) -> 
         p = Path(table)
         path = p / "selected.jsonl" if p.is_dir() else p
         if not path.is_file():
+            if p.is_dir() and (p / SHARD_FILE).is_file():
+                raise FileNotFoundError(f"{p} is one shard of a sharded `score` run (no selection yet); merge the "
+                                        "shards first: icon2-lens merge score --out DIR SHARD_DIR ...")
             raise FileNotFoundError(f"{path} does not exist; pass a `score` output folder or its selected.jsonl.")
         table = []
         for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -165,11 +169,13 @@ def _table_rows(table: Any, criterion: str | None, directions: DirectionSet) -> 
     return rows
 
 
-def _complete_batches(path: Path, rows: list[dict[str, Any]], batch_size: int) -> list[dict[str, Any]]:
-    """The rows of the complete batches already in ``path``; a torn or partial last batch is cut off the file."""
+def _complete_batches(path: Path, rows: list[dict[str, Any]], batch_size: int,
+                      batches: Sequence[int]) -> list[dict[str, Any]]:
+    """The rows of the complete batches (of ``batches``, in order) already in ``path``; a torn or partial
+    last batch is cut off the file."""
     done = read_jsonl_resumable(path)
     keep = 0
-    for b in range(-(-len(rows) // batch_size)):
+    for b in batches:
         size = len(rows[b * batch_size:(b + 1) * batch_size])
         part = done[keep:keep + size]
         if len(part) < size:
@@ -204,6 +210,7 @@ def generate_pairs(
     path: Literal["hf", "bridge"] = "hf",
     out: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> "datasets.Dataset":
     """Generate a chosen (``+gamma_pos``) and a rejected (``gamma_neg``) response per instruction.
 
@@ -229,12 +236,18 @@ def generate_pairs(
         out: a folder: rows are appended to ``pairs.jsonl`` batch by batch; a rerun with the same
             settings skips the finished instructions (a torn last batch is cut off and redone).
         progress: progress bar (pairs/s).
+        shard: ``(i, n)``: generate only the batches ``b`` with ``b % n == i`` of the batches the
+            unsharded run forms (same rows, padding and seeds, so the same pairs), for data-parallel
+            runs (`icon2_lens.shards`). With ``out`` the shard is recorded in ``generation.json`` (a
+            rerun continues it) and ``shard.json`` is written when it is finished; merge the folders
+            with `icon2_lens.merge_shards`.
 
     Returns:
         A ``datasets.Dataset`` in TRL's conversational preference format: ``prompt`` (a user message
         list), ``chosen`` and ``rejected`` (an assistant message list each), plus ``instruction``,
         ``criterion``, ``consistency``, ``gamma_pos``, ``gamma_neg``, ``layers``, ``scale``,
         ``positions``, decoding settings, ``seed``, ``chosen_finished``, ``rejected_finished``, ``index``.
+        With a ``shard``, only the shard's rows (``index`` is the row's position in the whole table).
 
     Examples:
         >>> pairs = il.generate_pairs(model, dirs, il.select_instructions(table))  # doctest: +SKIP
@@ -250,6 +263,7 @@ def generate_pairs(
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}.")
+    shard = check_shard(shard)
     rows = _table_rows(table, criterion, directions)
     if layers is not None and not list(layers):
         raise ValueError("The layer selection is empty; pass at least one layer (or None for the suggested range).")
@@ -260,18 +274,29 @@ def generate_pairs(
                 "temperature": temperature, "top_p": top_p, "repetition_penalty": repetition_penalty, "seed": seed,
                 "path": path, "batch_size": batch_size, "model": model.info.model_id,
                 "fingerprint": model.info.fingerprint}
+    if shard is not None:
+        settings["shard"] = shard_label(shard)
+    batches = shard_batches(-(-len(rows) // batch_size), shard)
     done: list[dict[str, Any]] = []
     pairs_path = None
     if out is not None:
         pairs_path = open_run_folder(out, settings, settings_name="generation.json", data_name="pairs.jsonl",
                                      what="generation")
-        done = _complete_batches(pairs_path, rows, batch_size)
+        if shard is not None:
+            (Path(out) / SHARD_FILE).unlink(missing_ok=True)  # written again when this run is finished
+        done = _complete_batches(pairs_path, rows, batch_size, batches)
     tok = model.tokenizer
-    n_batches = -(-len(rows) // batch_size)
-    first_batch = -(-len(done) // batch_size)
+    sizes = [len(rows[b * batch_size:(b + 1) * batch_size]) for b in batches]
+    n_done, seen = 0, 0
+    while n_done < len(batches) and seen < len(done):  # the complete batches already in `done`
+        seen += sizes[n_done]
+        n_done += 1
+    todo = batches[n_done:]
+    n_rows = sum(sizes)
+    resumed = len(done)
     t0 = time.perf_counter()
-    with tqdm(total=len(rows), initial=len(done), desc="generating pairs", unit="pair", disable=not progress) as bar:
-        for b in range(first_batch, n_batches):
+    with tqdm(total=n_rows, initial=len(done), desc="generating pairs", unit="pair", disable=not progress) as bar:
+        for b in todo:
             chunk = rows[b * batch_size:(b + 1) * batch_size]
             prompts = [render_chat(tok, r["instruction"]) for r in chunk]
             crits = [r["criterion"] for r in chunk]
@@ -302,5 +327,10 @@ def generate_pairs(
                 append_jsonl(pairs_path, new)
             done.extend(new)
             bar.update(k)
-            bar.set_postfix(pairs_per_s=f"{(len(done) - first_batch * batch_size) / (time.perf_counter() - t0):.2f}")
+            bar.set_postfix(pairs_per_s=f"{(len(done) - resumed) / (time.perf_counter() - t0):.2f}")
+    if shard is not None and out is not None:
+        digest = hashlib.sha256(json.dumps([[r["instruction"], r["criterion"], r.get("consistency")]
+                                            for r in rows], default=str).encode()).hexdigest()
+        write_shard_file(out, stage="generate", shard=shard, total=len(rows), rows=len(done),
+                         settings={"table_sha256": digest})
     return Dataset.from_list(done)

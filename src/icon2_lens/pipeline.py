@@ -492,19 +492,15 @@ def _synthesize(ctx: _Context, folder: Path, meter: Any) -> tuple[int, list[Path
 
 
 def _score(ctx: _Context, folder: Path, meter: Any) -> tuple[int, list[Path]]:
-    from .scoring import consistency_histogram, score_instructions, select_instructions
+    from .scoring import save_scores, score_instructions
 
     c = ctx.cfg.score
     table = score_instructions(ctx.model, ctx.directions(), ctx.out / "synthesize", layers=c.layers,  # type: ignore[arg-type]
                                standardize=c.standardize, render=c.render, batch_size=c.batch_size,
                                progress=ctx.progress)
-    selected = select_instructions(table, top_fraction=c.top_fraction, top_k=c.top_k, threshold=c.threshold,
-                                   balance_criteria=c.balance_criteria)
-    paths = [folder / "scores.jsonl", folder / "selected.jsonl", folder / "consistency_hist.png"]
-    atomic_write_text(paths[0], "".join(json.dumps(r) + "\n" for r in table))
-    atomic_write_text(paths[1], "".join(json.dumps(r) + "\n" for r in selected))
-    consistency_histogram(table, selected).savefig(paths[2], dpi=110)
-    return len(selected), paths
+    paths = save_scores(table, folder, top_fraction=c.top_fraction, top_k=c.top_k, threshold=c.threshold,
+                        balance_criteria=c.balance_criteria, overwrite=True)
+    return _count_lines(folder / "selected.jsonl"), paths
 
 
 def _steering_layers(ctx: _Context, dirs: Any) -> list[int]:

@@ -17,9 +17,12 @@ instructions whatever they say (docs: Synthesis and filtering, measured). The ma
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import numbers
+import os
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
@@ -33,6 +36,7 @@ from .directions import DirectionSet
 from .instructions import load_instructions
 from .models import LoadedModel
 from .prompts import Render, scoring_texts
+from .shards import check_shard, parse_shard, shard_label, write_shard_file
 
 if TYPE_CHECKING:
     import datasets
@@ -46,6 +50,7 @@ __all__ = [
     "assign_criteria",
     "scoring_layers",
     "consistency_histogram",
+    "save_scores",
     "DEFAULT_TOP_FRACTION",
 ]
 
@@ -136,6 +141,7 @@ def score_instructions(
     system_prompt: str | None = None,
     batch_size: int = 32,
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> "datasets.Dataset":
     """Score each instruction's inherent consistency with every criterion (Eq. 2/3).
 
@@ -155,11 +161,18 @@ def score_instructions(
         batch_size: prompts per forward pass. Memory is one chunk of ``32 * batch_size`` prompts plus
             ``n x criterion`` scores: flat in the number of instructions.
         progress: show a progress bar.
+        shard: ``(i, n)``: score only the batches ``b`` with ``b % n == i`` of the batches the
+            unsharded run forms (the same rows in each, so the same padding and bit-identical scores),
+            for data-parallel runs (`icon2_lens.shards`). Standardisation uses the feature-set
+            statistics of ``directions``, not the scored rows, so it does not depend on the shard.
 
     Returns:
         A ``datasets.Dataset`` with ``instruction``, ``score_<criterion>`` per criterion,
         ``consistency`` (the max) and ``criterion`` (the argmax's name), in input order. The settings
-        (layers, standardize, render, model) are in ``ds.info.description`` as JSON.
+        (layers, standardize, render, model) are in ``ds.info.description`` as JSON. With a ``shard``:
+        only the shard's rows, in input order, with a last column ``index`` (the row's position in
+        the whole input) and the shard, total row count, batch size and a hash of the input in the
+        settings; `save_scores` writes it as a shard folder for `icon2_lens.merge_shards`.
 
     Examples:
         >>> table = il.score_instructions(model, dirs, ["Write a poem.", "Explain DNS."])  # doctest: +SKIP
@@ -171,6 +184,7 @@ def score_instructions(
     directions.check_compatible(model)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    shard = check_shard(shard)
     layer_ids = scoring_layers(directions, layers)
     instr = load_instructions(instructions)
     cols = [directions.layers.index(x) for x in layer_ids]
@@ -180,26 +194,110 @@ def score_instructions(
         mean, std = directions.stats["proj_mean"][:, cols], directions.stats["proj_std"][:, cols]
     scores = torch.empty(len(instr), len(directions.criteria))
     chunk = 32 * batch_size
+    # Batches are numbered over the whole input (a chunk holds 32 of them); a shard (i, n) runs batches b % n == i.
+    mine = (lambda b: True) if shard is None else (lambda b: b % shard[1] == shard[0])
+    n_mine = sum(min(batch_size, len(instr) - b * batch_size) for b in range(-(-len(instr) // batch_size)) if mine(b))
+    done: list[int] = []
     with LastTokenReader(model, hook=directions.hook, layers=layer_ids) as reader, \
-            tqdm(total=len(instr), desc="scoring", unit="instr", disable=not progress) as bar:
+            tqdm(total=n_mine, desc="scoring", unit="instr", disable=not progress) as bar:
         for c0 in range(0, len(instr), chunk):
+            first = c0 // batch_size
+            if not any(mine(first + j) for j in range(-(-len(instr[c0:c0 + chunk]) // batch_size))):
+                continue
             ids = tokenize_texts(model, scoring_texts(model.tokenizer, instr[c0:c0 + chunk], render=render,
                                                       system_prompt=system_prompt))
             order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # less padding per batch
             for b0 in range(0, len(order), batch_size):
+                if not mine(first + b0 // batch_size):
+                    continue
                 rows = order[b0:b0 + batch_size]
                 h = reader.read([ids[i] for i in rows])
                 scores[[c0 + i for i in rows]] = consistency_scores(project(h, vecs), mean=mean, std=std)
+                done.extend(c0 + i for i in rows)
                 bar.update(len(rows))
+    keep = sorted(done)
+    scores = scores[keep]
     best, idx = assign_criteria(scores)
-    table: dict[str, list[Any]] = {"instruction": instr}
+    table: dict[str, list[Any]] = {"instruction": [instr[i] for i in keep]}
     for ci, name in enumerate(directions.criteria):
         table[f"score_{name}"] = scores[:, ci].tolist()
     table["consistency"] = best.tolist()
     table["criterion"] = [directions.criteria[i] for i in idx.tolist()]
     settings = {"layers": layer_ids, "standardize": standardize, "render": render, "system_prompt": system_prompt,
                 "hook": directions.hook, "model": model.info.model_id, "criteria": list(directions.criteria)}
+    if shard is not None:
+        table["index"] = keep
+        digest = hashlib.sha256(json.dumps(instr).encode()).hexdigest()
+        settings.update(shard=shard_label(shard), total=len(instr), batch_size=batch_size, instructions_sha256=digest)
     return Dataset.from_dict(table, info=DatasetInfo(description=json.dumps(settings)))
+
+
+def save_scores(
+    table: "datasets.Dataset",
+    out: str | os.PathLike[str],
+    *,
+    top_fraction: float | None = None,
+    top_k: int | None = None,
+    threshold: float | None = None,
+    balance_criteria: bool = False,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write a `score_instructions` table into a folder as ``icon2-lens score`` does (atomically).
+
+    A whole table is selected (`select_instructions`) and written as ``scores.jsonl``,
+    ``selected.jsonl``, ``consistency_hist.png`` and ``score_report.json``. A shard's table
+    (``score_instructions(..., shard=(i, n))``) is written as a shard folder for
+    `icon2_lens.merge_shards`: ``scores.jsonl`` (full float precision, with ``index``) and
+    ``shard.json``; selection needs all rows, so it is the merge's job and no rule may be given here.
+
+    Args:
+        table: from `score_instructions` (or a merged one).
+        out: the output folder.
+        top_fraction: selection: keep this share (default rule: `DEFAULT_TOP_FRACTION`).
+        top_k: selection: keep the best ``k``.
+        threshold: selection: keep ``consistency >= threshold``.
+        balance_criteria: selection within each assigned criterion.
+        overwrite: replace an existing non-empty folder.
+
+    Returns:
+        The paths written.
+
+    Examples:
+        >>> il.save_scores(table, "runs/scored", top_fraction=0.1)  # doctest: +SKIP
+    """
+    from .files import atomic_folder, check_output_folder
+
+    check_output_folder(out, overwrite=overwrite)
+    settings = json.loads(table.info.description or "{}")
+    selection = {"top_fraction": top_fraction, "top_k": top_k, "threshold": threshold,
+                 "balance_criteria": balance_criteria}
+    if "shard" in settings:
+        if any(v is not None for v in (top_fraction, top_k, threshold)) or balance_criteria:
+            raise ValueError("A shard's scores are not selected on their own (the selection needs all rows); give the "
+                             "selection options to merge_shards (CLI: icon2-lens merge score) instead.")
+        shard = settings.pop("shard")
+        total = settings.pop("total")
+        with atomic_folder(out, overwrite=overwrite) as tmp:
+            (tmp / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in table), encoding="utf-8")
+            write_shard_file(tmp, stage="score", shard=parse_shard(shard), total=total, rows=len(table), settings=settings)
+        return [Path(out) / "scores.jsonl", Path(out) / "shard.json"]
+    selected = select_instructions(table, **selection)
+    report = {
+        "settings": settings,
+        "selection": selection,
+        "scored": len(table),
+        "selected": len(selected),
+        "criterion_all": dict(Counter(table["criterion"])),
+        "criterion_selected": dict(Counter(selected["criterion"])),
+        "lowest_selected_consistency": min(selected["consistency"]),
+    }
+    names = ["scores.jsonl", "selected.jsonl", "consistency_hist.png", "score_report.json"]
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        table.to_json(tmp / names[0], lines=True)
+        selected.to_json(tmp / names[1], lines=True)
+        consistency_histogram(table, selected).savefig(tmp / names[2], dpi=110)
+        (tmp / names[3]).write_text(json.dumps(report, indent=2))
+    return [Path(out) / n for n in names]
 
 
 def select_instructions(

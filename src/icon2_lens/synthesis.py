@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .files import append_jsonl, atomic_write_text, open_run_folder, read_jsonl_resumable
 from .models import LoadedModel
 from .prompts import PreQuery, pre_query_template
+from .shards import check_shard, shard_batches, shard_label, write_shard_file
 
 if TYPE_CHECKING:
     import datasets
@@ -234,6 +235,7 @@ def synthesize_instructions(
     near_duplicate_threshold: float = 0.8,
     out: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> "datasets.Dataset":
     """Let the model write ``n`` user turns and keep the usable ones.
 
@@ -258,20 +260,24 @@ def synthesize_instructions(
             batch (a larger ``n`` extends the run). At the end ``instructions.jsonl`` (kept),
             ``dropped.jsonl`` (with reasons) and ``report.json`` are written atomically.
         progress: show a progress bar.
+        shard: ``(i, n)``: run only batches ``b`` with ``b % n == i`` of the same batches the unsharded
+            run forms (same seeds), for data-parallel runs (`icon2_lens.shards`). With ``out`` the folder
+            gets ``raw.jsonl``, ``synthesis.json`` (recording the shard; a rerun continues it) and, when
+            finished, ``shard.json``; clean-up and de-duplication need all rows, so they are left to
+            `icon2_lens.merge_shards`, which writes ``instructions.jsonl`` and the rest.
 
     Returns:
         A ``datasets.Dataset`` of kept instructions with provenance columns ``instruction``, ``raw``,
         ``index``, ``seed`` (the batch's seed), ``n_tokens``, ``temperature``, ``top_p``,
         ``max_new_tokens``, ``system_prompt``, ``model``. The counts (generated, kept, dropped per
-        reason, duplicate share, speed) are in ``synthesis_report(ds)``.
+        reason, duplicate share, speed) are in ``synthesis_report(ds)``. With a ``shard``: the shard's
+        rows cleaned on their own (duplicates across shards are only found by the merge), a preview.
 
     Examples:
         >>> ds = il.synthesize_instructions(model, 64, seed=0)  # doctest: +SKIP
         >>> il.synthesis_report(ds)["kept"]  # doctest: +SKIP
         41
     """
-    from datasets import Dataset, DatasetInfo
-
     if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
         raise ValueError(f"n must be a positive number of generations, got {n!r}.")
     if batch_size < 1 or max_new_tokens < 1:
@@ -280,6 +286,7 @@ def synthesize_instructions(
         raise ValueError(f"Need temperature > 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}.")
     clean_kwargs = dict(min_words=min_words, max_words=max_words, near_duplicate_threshold=near_duplicate_threshold)
     clean_generations([], **clean_kwargs)  # validate the clean-up options before the slow part
+    shard = check_shard(shard)
     pq = pre_query_template(model.tokenizer, system_prompt=system_prompt)
     prefix_ids = model.tokenizer(pq.prefix, add_special_tokens=False)["input_ids"]
     settings = {
@@ -287,16 +294,23 @@ def synthesize_instructions(
         "seed": seed, "system_prompt": system_prompt, "prefix": pq.prefix, "model": model.info.model_id,
         "fingerprint": model.info.fingerprint,
     }
+    if shard is not None:
+        settings["shard"] = shard_label(shard)
     raw_path = None
     rows: list[dict[str, Any]] = []
     if out is not None:
         raw_path = open_run_folder(out, settings, settings_name="synthesis.json", data_name="raw.jsonl",
                                    what="synthesis")
         rows = read_jsonl_resumable(raw_path, unit=batch_size)
-    n_batches = -(-n // batch_size)
+        if shard is not None:
+            (Path(out) / "shard.json").unlink(missing_ok=True)  # written again when this run is finished
+    batches = shard_batches(-(-n // batch_size), shard)
+    size = {b: min(batch_size, n - b * batch_size) for b in batches}
+    todo = batches[len(rows) // batch_size:]
     start = time.perf_counter()
-    with tqdm(total=n, initial=min(len(rows), n), desc="synthesizing", unit="instr", disable=not progress) as bar:
-        for b in range(len(rows) // batch_size, n_batches):
+    with tqdm(total=sum(size.values()), initial=sum(size.values()) - sum(size[b] for b in todo),
+              desc="synthesizing", unit="instr", disable=not progress) as bar:
+        for b in todo:
             t0 = time.perf_counter()
             s = _batch_seed(seed, b)
             new = _generate_batch(model, pq, prefix_ids, batch_size, temperature=temperature, top_p=top_p,
@@ -307,19 +321,35 @@ def synthesize_instructions(
             if raw_path is not None:
                 append_jsonl(raw_path, new)
             rows.extend(new)
-            bar.update(min(len(new), n - bar.n))
-    rows = rows[:n]
+            bar.update(size[b])
     special = [t for t in model.tokenizer.all_special_tokens if t]
-    kept, dropped = clean_generations(rows, special_tokens=special, **clean_kwargs)
-    report = _report(rows, kept, dropped, wall=time.perf_counter() - start)
-    provenance = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
-                  "system_prompt": system_prompt, "model": model.info.model_id}
+    if shard is not None:
+        if out is not None:
+            write_shard_file(out, stage="synthesize", shard=shard, total=n, rows=len(rows),
+                             settings={"cleanup": clean_kwargs, "special_tokens": special})
+        out = None  # clean-up and de-duplication over all shards are the merge's job
+    return _finish_synthesis(rows, settings, n=n, folder=out, special_tokens=special,
+                             wall=time.perf_counter() - start, **clean_kwargs)
+
+
+def _finish_synthesis(rows: list[dict[str, Any]], settings: dict[str, Any], *, n: int,
+                      folder: str | os.PathLike[str] | None, special_tokens: Sequence[str], wall: float,
+                      min_words: int, max_words: int, near_duplicate_threshold: float) -> "datasets.Dataset":
+    """Clean up the raw rows with ``index < n`` (in index order) into the kept dataset; with a folder, write
+    ``instructions.jsonl``, ``dropped.jsonl`` and ``report.json`` (shared by the run and `merge_shards`)."""
+    from datasets import Dataset, DatasetInfo
+
+    rows = [r for r in rows if r["index"] < n]
+    kept, dropped = clean_generations(rows, special_tokens=special_tokens, min_words=min_words, max_words=max_words,
+                                      near_duplicate_threshold=near_duplicate_threshold)
+    report = _report(rows, kept, dropped, wall=wall)
+    provenance = {k: settings[k] for k in ("temperature", "top_p", "max_new_tokens", "system_prompt", "model")}
     cols = ["instruction", "raw", "index", "seed", "n_tokens"]
     table = {c: [r[c] for r in kept] for c in cols}
     table.update({k: [v] * len(kept) for k, v in provenance.items()})
     ds = Dataset.from_dict(table, info=DatasetInfo(description=json.dumps(report)))
-    if out is not None:
-        folder = Path(out)
+    if folder is not None:
+        folder = Path(folder)
         atomic_write_text(folder / "instructions.jsonl", "".join(json.dumps(r) + "\n" for r in ds))
         drop_cols = [*cols, "drop_reason", "duplicate_of", "finished"]
         atomic_write_text(folder / "dropped.jsonl", "".join(

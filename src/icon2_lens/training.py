@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 from .files import atomic_folder, atomic_write_text
 
@@ -188,8 +189,10 @@ def train_dpo(
         for m in (policy, ref):
             if m is not None:
                 costs.watch(m, stop_ids=[tokenizer.pad_token_id, tokenizer.eos_token_id])
-    work = out.parent / f".{out.name}.trainer"
-    with atomic_folder(out, overwrite=overwrite) as tmp:
+    rank = int(os.environ.get("RANK", "0"))  # under accelerate/torchrun: only process 0 writes the folder
+    work = out.parent / f".{out.name}.trainer{rank}"
+    target = atomic_folder(out, overwrite=overwrite) if rank == 0 else _scratch_folder(out, rank)
+    with target as tmp:
         steps, history = _train(policy, ref, peft_config, tokenizer, dataset, cfg, work=work, tmp=tmp,
                                 max_steps=max_steps, lora=lora, device=device, seed=seed, progress=progress)
         atomic_write_text(tmp / "train_config.json", json.dumps(
@@ -197,6 +200,20 @@ def train_dpo(
              "n_pairs": len(dataset), "steps": steps}, indent=2))
     return TrainResult(output_dir=out, log_path=out / "train_log.jsonl", curve_path=out / "train_curve.png",
                        steps=steps, history=history)
+
+
+@contextmanager
+def _scratch_folder(out: Path, rank: int) -> Iterator[Path]:
+    """A throw-away folder for a non-main training process (its copy of the outputs is discarded)."""
+    import shutil
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.rank{rank}.", dir=out.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _train(policy: Any, ref: Any, peft_config: Any, tokenizer: Any, dataset: Any, cfg: dict[str, Any], *,
