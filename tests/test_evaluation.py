@@ -83,3 +83,33 @@ def test_cli_evaluate(tiny_model_dir, sibling, tmp_path, capsys):
     assert json.loads((out / "metrics.json").read_text())["n"] == 3
     assert main(["evaluate", "--model", str(tiny_model_dir), "--trained", str(tmp_path / "nope"), "--directions",
                  str(d), "--instructions", str(held), "--out", str(tmp_path / "e2")]) == 2
+
+
+class _FirstPicker:
+    """A judge that always picks the response shown first, whatever it says (pure position bias)."""
+
+    name = "first_picker"
+
+    def orders(self, instructions, a, b):
+        return [True] * len(a), [True] * len(a)
+
+    def compare(self, instructions, a, b):
+        raise AssertionError("evaluate should use orders() when the judge has it")
+
+
+class _Oracle:
+    """A judge without orders(): 'a' always wins."""
+
+    name = "oracle"
+
+    def compare(self, instructions, a, b):
+        return [1.0] * len(a)
+
+
+def test_position_bias_is_measured_and_reported(tiny_model, sibling, dirs, tmp_path):
+    m = il.evaluate(tiny_model, sibling, dirs, HELDOUT, judge=_FirstPicker(), max_new_tokens=4, out=tmp_path / "e",
+                    progress=False)
+    assert m["judge"]["tie"] == 1.0 and m["judge"]["first_position_share"] == 1.0
+    assert "picked the response shown first in 1.00 of its 6 verdicts" in (tmp_path / "e" / "report.md").read_text()
+    m2 = il.evaluate(tiny_model, sibling, dirs, HELDOUT, judge=_Oracle(), max_new_tokens=4, progress=False)
+    assert m2["judge"]["win"] == 1.0 and m2["judge"]["first_position_share"] is None

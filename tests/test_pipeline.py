@@ -95,6 +95,16 @@ def test_changed_setting_reruns_exactly_the_downstream_stages(finished_run, talk
     assert {p["gamma_pos"] for p in pairs} == {0.2}
 
 
+def test_a_deleted_stage_folder_reruns_it_and_its_downstream(finished_run, tmp_path):
+    src, _ = finished_run
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    shutil.rmtree(out / "score")
+    res = run_pipeline(None, out=out, progress=False, log=None)
+    assert res.ran == ["score", "generate", "train", "evaluate"]
+    assert res.skipped == ["extract", "layers", "synthesize"]
+
+
 def test_stage_keys_follow_the_dependencies():
     base = stage_keys(RunConfig())
     for section, value, expected in [

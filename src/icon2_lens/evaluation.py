@@ -228,14 +228,23 @@ class PairwiseJudge:
             out.extend((logits[:, self._a] > logits[:, self._b]).tolist())
         return out
 
+    def orders(self, instructions: Sequence[str], a: Sequence[str], b: Sequence[str]) -> tuple[list[bool], list[bool]]:
+        """The raw verdicts: whether the judge picks the first response with ``a`` first, and with ``b`` first.
+
+        A judge that always picks the same position, whatever the content, gives ``x == y`` everywhere.
+        """
+        return self._prefers_first(instructions, a, b), self._prefers_first(instructions, b, a)
+
     def compare(self, instructions: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[float]:
         """1.0 / 0.0 / 0.5 per item: ``a`` better in both orders / ``b`` better / inconsistent."""
-        ab = self._prefers_first(instructions, a, b)
-        ba = self._prefers_first(instructions, b, a)
-        return [1.0 if x and not y else 0.0 if y and not x else 0.5 for x, y in zip(ab, ba)]
+        return _verdicts(*self.orders(instructions, a, b))
 
     def __call__(self, instructions: Sequence[str], responses: Sequence[str], criteria: Sequence[str]) -> list[float]:
         raise TypeError("PairwiseJudge compares two responses; use judge.compare(...) or calibrate_gamma(scorer=judge).")
+
+
+def _verdicts(ab: Sequence[bool], ba: Sequence[bool]) -> list[float]:
+    return [1.0 if x and not y else 0.0 if y and not x else 0.5 for x, y in zip(ab, ba)]
 
 
 def _is_pairwise(scorer: Any) -> bool:
@@ -426,14 +435,20 @@ def evaluate(
     pb = probe_means(base, directions, instructions, layers=layers)
     pt = probe_means(trained, directions, instructions, layers=layers)
     judge = judge if judge is not None else PairwiseJudge(base)
-    verdict = judge.compare(instructions, ans_trained, ans_base)
+    first_share = None
+    if hasattr(judge, "orders"):  # keep the raw verdicts: how often the judge simply picks the first position
+        ab, ba = judge.orders(instructions, ans_trained, ans_base)
+        verdict = _verdicts(ab, ba)
+        first_share = (sum(ab) + sum(ba)) / (2 * len(ab))
+    else:
+        verdict = judge.compare(instructions, ans_trained, ans_base)
     n = len(instructions)
     metrics: dict[str, Any] = {
         "n": n,
         "probe": {c: {"base": pb[c], "trained": pt[c], "shift": pt[c] - pb[c]} for c in directions.criteria},
         "judge": {"name": getattr(judge, "name", type(judge).__name__),
                   "win": sum(v == 1.0 for v in verdict) / n, "tie": sum(v == 0.5 for v in verdict) / n,
-                  "loss": sum(v == 0.0 for v in verdict) / n},
+                  "loss": sum(v == 0.0 for v in verdict) / n, "first_position_share": first_share},
         "degeneration": {"base": degeneration_stats(ans_base), "trained": degeneration_stats(ans_trained)},
         "models": {"base": base.info.model_id, "trained": trained.info.model_id},
     }
@@ -456,8 +471,12 @@ def _report_md(m: dict[str, Any]) -> str:
     lines += [f"| {c} | {v['base']:.3f} | {v['trained']:.3f} | {v['shift']:+.3f} |" for c, v in m["probe"].items()]
     j = m["judge"]
     lines += ["", f"## Pairwise judge ({j['name']}, both orders; a flip is a tie)", "",
-              "| win | tie | loss |", "|---|---|---|", f"| {j['win']:.2f} | {j['tie']:.2f} | {j['loss']:.2f} |", "",
-              "## Degeneration", "", "| model | distinct-1 | distinct-2 | repetition | degenerate | mean words |",
+              "| win | tie | loss |", "|---|---|---|", f"| {j['win']:.2f} | {j['tie']:.2f} | {j['loss']:.2f} |", ""]
+    if j.get("first_position_share") is not None:
+        lines += [f"The judge picked the response shown first in {j['first_position_share']:.2f} of its "
+                  f"{2 * m['n']} verdicts (0.5 would be no position bias; 0 or 1 means it reads the position, "
+                  "not the answers).", ""]
+    lines += ["## Degeneration", "", "| model | distinct-1 | distinct-2 | repetition | degenerate | mean words |",
               "|---|---|---|---|---|---|"]
     for name, d in m["degeneration"].items():
         lines.append(f"| {name} | {d['distinct1']:.2f} | {d['distinct2']:.2f} | {d['repetition_rate']:.2f} | "

@@ -10,7 +10,9 @@ it finished. On a rerun:
   their append-only JSONL files, cutting a torn last batch; the other stages are short and are
   redone, their outputs written atomically);
 - a stage whose key changed is cleared and re-run, and so, through their keys, are exactly the
-  stages downstream of it (e.g. new gammas re-run generate, train and evaluate; never extract).
+  stages downstream of it (e.g. new gammas re-run generate, train and evaluate; never extract);
+- a stage one of whose inputs ran in this invocation is re-run too (e.g. after you delete a stage
+  folder by hand), so no stage is ever kept on top of rewritten inputs.
 
 Every stage runs inside `icon2_lens.measure_costs` and writes ``costs.json``; ``report.md`` has the
 per-stage cost table, the cost per kept pair and the evaluation's headline tables.
@@ -368,16 +370,18 @@ def run_pipeline(
         for i, stage in enumerate(order, 1):
             folder = out / stage
             tag = f"[{i}/{len(order)}] {stage}"
-            if manifest.finished(stage, keys[stage], folder):
+            rerun_inputs = [s for s in STAGES[stage] if s in result.ran]  # their outputs were rewritten just now
+            if not rerun_inputs and manifest.finished(stage, keys[stage], folder):
                 say(f"{tag}: finished earlier with the same settings, skipped")
                 result.skipped.append(stage)
                 continue
             entry = manifest.stages.get(stage, {})
-            if entry.get("key") == keys[stage] and folder.is_dir():
+            if not rerun_inputs and entry.get("key") == keys[stage] and folder.is_dir():
                 say(f"{tag}: resuming an interrupted run")
             else:
                 if folder.exists():
-                    say(f"{tag}: settings or inputs changed, re-running")
+                    why = f"{', '.join(rerun_inputs)} ran again" if rerun_inputs else "settings or inputs changed"
+                    say(f"{tag}: {why}, re-running")
                     shutil.rmtree(folder)
                 else:
                     say(f"{tag}: running")
