@@ -14,20 +14,12 @@ from icon2_lens.shards import check_shard, parse_shard, shard_batches, shard_dev
 from icon2_lens.synthesis import synthesis_report
 
 from conftest import INSTRUCTIONS
+from test_pairs import TABLE as PAIRS_TABLE
 
 # Varied lengths, so the length-sorted scoring batches differ from input order; 40 rows with batch size 1
 # are two chunks of 32 (batches are numbered across chunks).
 TO_SCORE = il.builtin_instructions("heldout")[:40]
-TABLE = [
-    {"instruction": "Name three rivers in Africa.", "criterion": "helpful", "consistency": 1.5},
-    {"instruction": "Write a limerick about a cat.", "criterion": "honest", "consistency": 0.25},
-    {"instruction": "How many legs does a spider have?", "criterion": "helpful", "consistency": -0.5},
-    {"instruction": "Suggest a name for a bakery.", "criterion": "honest", "consistency": 2.0},
-    {"instruction": "Hi", "criterion": "helpful", "consistency": 0.0},
-    {"instruction": "Explain recursion to a child, with one short example.", "criterion": "honest",
-     "consistency": 0.75},
-    {"instruction": "What is 2+2?", "criterion": "honest", "consistency": 0.5},
-]
+TABLE = [*PAIRS_TABLE, {"instruction": "What is 2+2?", "criterion": "honest", "consistency": 0.5}]  # 7 rows: an odd last batch
 TIMING = {"generation_seconds", "generated_per_second", "kept_per_second", "wall_seconds_this_call"}
 
 

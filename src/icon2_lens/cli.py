@@ -14,6 +14,15 @@ from typing import Sequence
 __all__ = ["main", "build_parser"]
 
 
+def _add_selection_args(p: argparse.ArgumentParser, *, note: str = "") -> None:
+    """The selection rule of `select_instructions` (one of three) and ``--balance-criteria``."""
+    rule = p.add_mutually_exclusive_group()
+    rule.add_argument("--top-fraction", type=float, default=None, help=f"{note}keep this share (default 0.1)")
+    rule.add_argument("--top-k", type=int, default=None, help=f"{note}keep the best K")
+    rule.add_argument("--threshold", type=float, default=None, help=f"{note}keep consistency >= this")
+    p.add_argument("--balance-criteria", action="store_true", help=f"{note}apply the rule within each assigned criterion")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="model source: omit for the embedded SmolLM2-135M-Instruct; an HF folder, a .gguf file or an HF id")
@@ -111,11 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default); --no-standardize: the paper's raw Eq. 2")
     p.add_argument("--render", default="chat", choices=["chat", "raw"],
                    help="'chat' (user turn, no system message of our own) or 'raw' text")
-    rule = p.add_mutually_exclusive_group()
-    rule.add_argument("--top-fraction", type=float, default=None, help="keep this share (default 0.1)")
-    rule.add_argument("--top-k", type=int, default=None, help="keep the best K")
-    rule.add_argument("--threshold", type=float, default=None, help="keep consistency >= this")
-    p.add_argument("--balance-criteria", action="store_true", help="apply the rule within each assigned criterion")
+    _add_selection_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     _add_shard_arg(p)
     p.set_defaults(func=_cmd_score)
@@ -198,11 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path,
                    help="output folder: the files the unsharded command writes (generate: report.json without "
                         "the model's win share)")
-    rule = p.add_mutually_exclusive_group()
-    rule.add_argument("--top-fraction", type=float, default=None, help="score: keep this share (default 0.1)")
-    rule.add_argument("--top-k", type=int, default=None, help="score: keep the best K")
-    rule.add_argument("--threshold", type=float, default=None, help="score: keep consistency >= this")
-    p.add_argument("--balance-criteria", action="store_true", help="score: apply the rule within each criterion")
+    _add_selection_args(p, note="score: ")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_cmd_merge)
     return parser

@@ -10,7 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-__all__ = ["atomic_write_text", "atomic_folder", "check_output_folder", "append_jsonl", "read_jsonl_resumable", "open_run_folder"]
+__all__ = ["atomic_write_text", "atomic_folder", "check_output_folder", "append_jsonl", "read_jsonl",
+           "read_jsonl_resumable", "open_run_folder"]
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
@@ -92,6 +93,23 @@ def append_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[Any]:
+    """The values of a JSONL file (blank lines skipped); a bad line is a ``ValueError`` naming ``path:line``.
+
+    Examples:
+        >>> rows = read_jsonl("runs/pairs/pairs.jsonl")  # doctest: +SKIP
+    """
+    path = Path(path)
+    rows = []
+    for k, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{k} is not valid JSON ({exc.msg}).") from exc
+    return rows
 
 
 def read_jsonl_resumable(path: str | os.PathLike[str], *, unit: int = 1) -> list[dict[str, Any]]:

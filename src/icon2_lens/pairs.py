@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .directions import DirectionSet
-from .files import append_jsonl, atomic_write_text, open_run_folder, read_jsonl_resumable
+from .files import append_jsonl, atomic_write_text, open_run_folder, read_jsonl, read_jsonl_resumable
 from .models import LoadedModel
 from .prompts import pre_query_template, render_chat
 from .shards import SHARD_FILE, check_shard, shard_batches, shard_label, write_shard_file
@@ -142,13 +142,7 @@ def _table_rows(table: Any, criterion: str | None, directions: DirectionSet) -> 
                 raise FileNotFoundError(f"{p} is one shard of a sharded `score` run (no selection yet); merge the "
                                         "shards first: icon2-lens merge score --out DIR SHARD_DIR ...")
             raise FileNotFoundError(f"{path} does not exist; pass a `score` output folder or its selected.jsonl.")
-        table = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    table.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{i} is not valid JSON ({exc.msg}).") from exc
+        table = read_jsonl(path)
     rows = []
     for r in table:
         if not isinstance(r, dict) and not hasattr(r, "keys"):

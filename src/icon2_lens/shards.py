@@ -19,6 +19,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
+from .files import read_jsonl
+
 if TYPE_CHECKING:
     import datasets
 
@@ -162,17 +164,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON ({exc.msg}).") from exc
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for k, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{k} is not valid JSON ({exc.msg}).") from exc
-    return rows
-
-
 def _read_shard(folder: Path, stage: Stage) -> dict[str, Any]:
     if not folder.is_dir():
         raise FileNotFoundError(f"Shard folder {folder} does not exist.")
@@ -193,7 +184,7 @@ def _read_shard(folder: Path, stage: Stage) -> dict[str, Any]:
         info["run_settings"] = run
         settings = {**run, **settings}
     i, n = parse_shard(str(info.get("shard")))
-    rows = _read_rows(folder / _DATA_FILE[stage])
+    rows = read_jsonl(folder / _DATA_FILE[stage])
     if len(rows) != info.get("rows"):
         raise ValueError(f"{folder}: {_DATA_FILE[stage]} holds {len(rows)} rows but {SHARD_FILE} says "
                          f"{info.get('rows')}; rerun that shard.")
