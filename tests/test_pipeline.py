@@ -23,7 +23,7 @@ def _config(model_dir, instructions_file, **over) -> dict:
         "extract": {"n_instructions": 6, "batch_size": 16},
         "layers": {"n_heldout": 4, "n_paraphrase_instructions": 1, "batch_size": 16},
         "synthesize": {"source": str(instructions_file)},
-        "score": {"top_k": 4, "top_fraction": None},
+        "score": {"top_k": 4},
         "generate": {"max_new_tokens": 6, "batch_size": 2},
         "train": {"max_steps": 1},
         "evaluate": {"n": 2, "max_new_tokens": 6, "batch_size": 2},
@@ -165,6 +165,13 @@ def test_interrupted_generation_resumes_without_losing_or_duplicating_rows(talke
 def test_bad_configs_name_the_key(cfg, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("(", r"\(")):
         load_config(cfg)
+
+
+def test_another_selection_rule_replaces_the_default_top_k():
+    cfg = load_config({"score": {"top_fraction": 0.1}})
+    assert (cfg.score.top_fraction, cfg.score.top_k) == (0.1, None)
+    assert load_config({"score": {"threshold": 0.5}}).score.top_k is None
+    assert load_config({}).score.top_k == 24
 
 
 def test_config_files_and_cli(tmp_path, capsys):

@@ -98,7 +98,11 @@ class SynthesizeConfig(_Section):
 
 
 class ScoreConfig(_Section):
-    """Consistency scoring and selection (`icon2_lens.score_instructions`, `icon2_lens.select_instructions`)."""
+    """Consistency scoring and selection (`icon2_lens.score_instructions`, `icon2_lens.select_instructions`).
+
+    One selection rule: the default is ``top_k: 24``; giving ``top_fraction`` or ``threshold``
+    replaces it (giving two rules is an error).
+    """
 
     layers: Literal["all", "suggested"] | list[int] = "all"
     standardize: bool = True
@@ -108,6 +112,15 @@ class ScoreConfig(_Section):
     threshold: float | None = None
     balance_criteria: bool = False
     batch_size: int = 32
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rule_replaces_default(cls, data: Any) -> Any:
+        """Giving ``top_fraction`` or ``threshold`` replaces the default ``top_k`` rule."""
+        if isinstance(data, dict) and "top_k" not in data and (
+                data.get("top_fraction") is not None or data.get("threshold") is not None):
+            data = {**data, "top_k": None}
+        return data
 
     @model_validator(mode="after")
     def _one_rule(self) -> "ScoreConfig":
