@@ -113,3 +113,15 @@ def test_position_bias_is_measured_and_reported(tiny_model, sibling, dirs, tmp_p
     assert "picked the response shown first in 1.00 of its 6 verdicts" in (tmp_path / "e" / "report.md").read_text()
     m2 = il.evaluate(tiny_model, sibling, dirs, HELDOUT, judge=_Oracle(), max_new_tokens=4, progress=False)
     assert m2["judge"]["win"] == 1.0 and m2["judge"]["first_position_share"] is None
+
+
+def test_overlap_with_training_instructions_warns(tiny_model, sibling, dirs):
+    with pytest.warns(UserWarning, match=r"1 of the 3 evaluation instructions were trained on .*not held out"):
+        il.evaluate(tiny_model, sibling, dirs, HELDOUT, training_instructions=["Other.", HELDOUT[1]], max_new_tokens=2,
+                    progress=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no overlap: no warning
+        il.evaluate(tiny_model, sibling, dirs, HELDOUT, training_instructions=["Other."], max_new_tokens=2,
+                    progress=False)
