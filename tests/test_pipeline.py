@@ -105,6 +105,20 @@ def test_a_deleted_stage_folder_reruns_it_and_its_downstream(finished_run, tmp_p
     assert res.skipped == ["extract", "layers", "synthesize"]
 
 
+def test_a_stage_killed_after_writing_its_outputs_resumes(finished_run, tmp_path):
+    """Killed between writing its outputs and marking itself finished: the rerun redoes it over them."""
+    src, _ = finished_run
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["stages"]["extract"]["status"] = "running"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    messages = []
+    res = run_pipeline(None, out=out, progress=False, log=messages.append)
+    assert any("extract: resuming" in m for m in messages)
+    assert res.ran == ["extract", "layers", "score", "generate", "train", "evaluate"] and res.skipped == ["synthesize"]
+
+
 def test_stage_keys_follow_the_dependencies():
     base = stage_keys(RunConfig())
     for section, value, expected in [

@@ -37,7 +37,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from .costs import StageCost, cost_table, load_costs, measure_costs
-from .files import atomic_write_text
+from .files import atomic_write_text, read_jsonl
 
 __all__ = ["RunConfig", "load_config", "run_pipeline", "PipelineResult", "STAGES", "stage_keys"]
 
@@ -432,7 +432,6 @@ class _Context:
     def __init__(self, cfg: RunConfig, out: Path, progress: bool) -> None:
         self.cfg, self.out, self.progress = cfg, out, progress
         self._model: Any = None
-        self.extra: list[Any] = []
 
     @property
     def model(self) -> Any:
@@ -456,7 +455,6 @@ class _Context:
 
     def close(self) -> None:
         self._model = None
-        self.extra.clear()
 
 
 def _extract(ctx: _Context, folder: Path, meter: Any) -> tuple[int, list[Path]]:
@@ -464,13 +462,10 @@ def _extract(ctx: _Context, folder: Path, meter: Any) -> tuple[int, list[Path]]:
     from .instructions import load_instructions
 
     c = ctx.cfg.extract
-    crits: Any = c.criteria
-    if isinstance(crits, str) and not Path(crits).is_file():
-        crits = [x.strip() for x in crits.split(",") if x.strip()]
-    dirs = extract_directions(ctx.model, crits, load_instructions(c.instructions, limit=c.n_instructions),
+    dirs = extract_directions(ctx.model, c.criteria, load_instructions(c.instructions, limit=c.n_instructions),
                               method=c.method, hook=c.hook, batch_size=c.batch_size, stability=c.stability,
                               seed=ctx.cfg.seed, progress=ctx.progress)
-    dirs.save(folder / "directions")
+    dirs.save(folder / "directions", overwrite=True)  # a resumed stage may find it written already
     return len(dirs.criteria), [folder / "directions"]
 
 
@@ -483,10 +478,7 @@ def _layers(ctx: _Context, folder: Path, meter: Any) -> tuple[int, list[Path]]:
     report = layer_report(ctx.model, dirs, n_heldout=c.n_heldout, n_paraphrase_instructions=c.n_paraphrase_instructions,
                           width=c.width, batch_size=c.batch_size, progress=ctx.progress)
     written = report.save(folder)
-    target = folder / "directions"
-    if target.exists():
-        shutil.rmtree(target)
-    report.apply(dirs).save(target)
+    target = report.apply(dirs).save(folder / "directions", overwrite=True)
     return len(report.suggested_layers), [*written.values(), target]
 
 
@@ -571,8 +563,7 @@ def _evaluate(ctx: _Context, folder: Path, meter: Any) -> tuple[int, list[Path]]
         jm = load_model(c.judge, device=ctx.cfg.device)
         meter.watch_model(jm)
         judge = PairwiseJudge(jm)
-    trained_on = [json.loads(x)["instruction"] for x in
-                  (ctx.out / "generate" / "pairs.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+    trained_on = [r["instruction"] for r in read_jsonl(ctx.out / "generate" / "pairs.jsonl")]
     instructions = load_instructions(c.instructions, limit=c.n)
     evaluate(ctx.model, trained, dirs, instructions, judge=judge, layers=_steering_layers(ctx, dirs),
              max_new_tokens=c.max_new_tokens, batch_size=c.batch_size, training_instructions=trained_on,

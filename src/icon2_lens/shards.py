@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
-from .files import read_jsonl
+from .files import atomic_folder, atomic_write_text, check_output_folder, read_jsonl
 
 if TYPE_CHECKING:
     import datasets
@@ -151,7 +151,6 @@ def write_shard_file(folder: str | os.PathLike[str], *, stage: Stage, shard: tup
     Examples:
         >>> write_shard_file("runs/pairs_0", stage="generate", shard=(0, 2), total=100, rows=48)  # doctest: +SKIP
     """
-    from .files import atomic_write_text
 
     info = {"stage": stage, "shard": shard_label(shard), "total": total, "rows": rows, "settings": settings or {}}
     return atomic_write_text(Path(folder) / SHARD_FILE, json.dumps(info, indent=2))
@@ -236,7 +235,6 @@ def merge_shards(
     Examples:
         >>> pairs = il.merge_shards("generate", ["runs/pairs_0", "runs/pairs_1"], out="runs/pairs")  # doctest: +SKIP
     """
-    from .files import atomic_folder, check_output_folder
 
     if stage not in _STAGES:
         raise ValueError(f"Unknown stage {stage!r}; use one of {list(_STAGES)}.")
@@ -265,7 +263,6 @@ def merge_shards(
     rows = _merged_rows(shards, stage)
     with atomic_folder(out_path, overwrite=overwrite) as tmp:
         if stage == "synthesize":
-            from .files import atomic_write_text
             from .synthesis import _finish_synthesis
 
             atomic_write_text(tmp / "raw.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
@@ -287,7 +284,6 @@ def merge_shards(
             from datasets import Dataset
 
             from .evaluation import pair_report
-            from .files import atomic_write_text
 
             atomic_write_text(tmp / "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
             atomic_write_text(tmp / "generation.json", json.dumps(ref["info"]["run_settings"], indent=2))

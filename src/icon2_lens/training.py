@@ -193,7 +193,7 @@ def train_dpo(
     work = out.parent / f".{out.name}.trainer{rank}"
     target = atomic_folder(out, overwrite=overwrite) if rank == 0 else _scratch_folder(out, rank)
     with target as tmp:
-        steps, history = _train(policy, ref, peft_config, tokenizer, dataset, cfg, work=work, tmp=tmp,
+        steps, history = _train(policy, ref, peft_config, tokenizer, dataset, cfg, work=work, out=tmp,
                                 max_steps=max_steps, lora=lora, device=device, seed=seed, progress=progress)
         atomic_write_text(tmp / "train_config.json", json.dumps(
             {**cfg, "preset": preset, "max_steps": max_steps, "lora": lora, "seed": seed, "base_model": model_id,
@@ -217,15 +217,14 @@ def _scratch_folder(out: Path, rank: int) -> Iterator[Path]:
 
 
 def _train(policy: Any, ref: Any, peft_config: Any, tokenizer: Any, dataset: Any, cfg: dict[str, Any], *,
-           work: Path, tmp: Path, max_steps: int, lora: bool, device: str, seed: int,
+           work: Path, out: Path, max_steps: int, lora: bool, device: str, seed: int,
            progress: bool) -> tuple[int, list[dict[str, Any]]]:
-    """Run TRL's DPOTrainer; save the model, tokenizer, log and curve into ``tmp``."""
+    """Run TRL's DPOTrainer; save the model, tokenizer, log and curve into ``out`` (the caller's temp folder)."""
     import shutil
 
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    out = tmp
     log_path = out / "train_log.jsonl"
     history: list[dict[str, Any]] = []
 
