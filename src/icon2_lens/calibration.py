@@ -10,6 +10,9 @@ sweep, and a pair with a degenerate side counts as a loss. Then:
    ``win_threshold`` (0.9) of the instructions, the one with the highest mean score (the smallest
    reliable gap: large gaps invite reward hacking). If none passes, the one with the highest win
    share, with a warning.
+
+The rule itself is the pure `icon2_lens.math.gamma.choose_gammas` (tested on made-up tables); this
+module generates and scores the sweep and reports it.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ import yaml
 from tqdm.auto import tqdm
 
 from .directions import DirectionSet
-from .evaluation import ProbeScorer, Scorer, _is_pairwise, distinct_n, is_degenerate
+from .evaluation import ProbeScorer, Scorer, _is_pairwise
 from .files import atomic_write_text
+from .math.gamma import check_win_threshold, choose_gammas, gamma_grid
+from .math.text import distinct_n, is_degenerate
 from .models import LoadedModel
 from .pairs import DEFAULT_DECODING, _table_rows, generate_steered
 from .prompts import render_chat
@@ -212,15 +217,10 @@ def calibrate_gamma(
         >>> print(cal.table()); cal.save("runs/calibration")  # doctest: +SKIP
     """
     directions.check_compatible(model)
-    gp, gn = sorted(set(float(g) for g in gammas_pos)), sorted(set(float(g) for g in gammas_neg))
-    if not gp or not gn:
-        raise ValueError("Give at least one gamma+ and one gamma-.")
-    if min(gp) <= max(gn):
-        raise ValueError(f"Every gamma+ must exceed every gamma- (got gamma+ {gp}, gamma- {gn}).")
+    gp, gn = gamma_grid(gammas_pos, gammas_neg)
     if n < 1 or max_new_tokens < 1:
         raise ValueError(f"n and max_new_tokens must be positive (got n={n}, max_new_tokens={max_new_tokens}).")
-    if not 0 <= win_threshold < 1:
-        raise ValueError(f"win_threshold must be in [0, 1), got {win_threshold}.")
+    check_win_threshold(win_threshold)
     rows = _table_rows(table, criterion, directions)[:n]
     scorer = scorer if scorer is not None else ProbeScorer(model, directions, layers=layers)
     pairwise = _is_pairwise(scorer)
@@ -253,33 +253,19 @@ def calibrate_gamma(
         flat = list(texts)
         vals = scorer([qs[i] for _, i in flat], [texts[k] for k in flat], [crits[i] for _, i in flat])
         scores = dict(zip(flat, (float(v) for v in vals)))
-    floor = min(scores.values())
-    eff = {k: (floor if deg[k] else v) for k, v in scores.items()}  # degenerate: the worst score of the sweep
-    per_gamma = []
-    for g in grid:
-        ks = [(g, i) for i in range(len(rows))]
-        per_gamma.append({"gamma": g, "mean_score": sum(eff[k] for k in ks) / len(ks),
-                          "degenerate_share": sum(deg[k] for k in ks) / len(ks),
-                          "distinct2": sum(distinct_n(texts[k], 2) for k in ks) / len(ks), "n": len(ks)})
-    pairs = []
-    for p in gp:
-        for q in gn:
-            if pairwise:
-                verdict = scorer.compare(qs, [texts[(p, i)] for i in range(len(rows))],
-                                         [texts[(q, i)] for i in range(len(rows))])
-                wins = [v == 1.0 and not deg[(p, i)] and not deg[(q, i)] for i, v in enumerate(verdict)]
-            else:
-                wins = [scores[(p, i)] > scores[(q, i)] and not deg[(p, i)] and not deg[(q, i)]
-                        for i in range(len(rows))]
-            pairs.append({"gamma_pos": p, "gamma_neg": q, "win_share": sum(wins) / len(wins)})
-    mean = {r["gamma"]: r["mean_score"] for r in per_gamma}
-    best_pos = max(gp, key=lambda g: (mean[g], -g))  # ties: the gentler strength
-    win = {(x["gamma_pos"], x["gamma_neg"]): x["win_share"] for x in pairs}
-    passing = [q for q in gn if win[(best_pos, q)] > win_threshold]
-    if passing:
-        best_neg = max(passing, key=lambda g: (mean[g], g))
-    else:
-        best_neg = max(gn, key=lambda g: (win[(best_pos, g)], g))
+    idx = range(len(rows))
+    beats = None
+    if pairwise:  # a pair wins when the judge prefers chosen in both orders
+        beats = {(p, q): [v == 1.0 for v in scorer.compare(qs, [texts[(p, i)] for i in idx],
+                                                           [texts[(q, i)] for i in idx])]
+                 for p in gp for q in gn}
+    choice = choose_gammas({g: [scores[(g, i)] for i in idx] for g in grid}, {g: [deg[(g, i)] for i in idx] for g in grid},
+                           gp, gn, win_threshold=win_threshold, beats=beats)
+    per_gamma = [{"gamma": g, "mean_score": choice.mean_score[g], "degenerate_share": choice.degenerate_share[g],
+                  "distinct2": sum(distinct_n(texts[(g, i)], 2) for i in idx) / len(idx), "n": len(idx)} for g in grid]
+    pairs = [{"gamma_pos": p, "gamma_neg": q, "win_share": w} for (p, q), w in choice.win_share.items()]
+    best_pos, best_neg, win = choice.gamma_pos, choice.gamma_neg, choice.win_share
+    if not choice.threshold_met:
         warnings.warn(f"No gamma- reaches a win share above {win_threshold} with gamma+ = {best_pos:g} (best: "
                       f"{win[(best_pos, best_neg)]:.2f} at gamma- = {best_neg:g}); widen the grid or use more "
                       "instructions.", stacklevel=2)

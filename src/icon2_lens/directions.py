@@ -7,17 +7,19 @@ after the negative system prompt; the last-token residuals ``h+`` and ``h-`` giv
 (``mean_diff``); its sign is fixed so that the mean difference projects positively.
 
 The statistics are accumulated in a streaming way (sums and ``d_model x d_model`` second
-moments per layer), so extraction memory does not grow with the number of instructions.
+moments per layer), so extraction memory does not grow with the number of instructions. That math
+(`ContrastAccumulator`, the direction methods and their registry) is in `icon2_lens.math.contrast`;
+this module reads the model and stores the result.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import torch
 from jaxtyping import Float
@@ -29,6 +31,16 @@ from .activations import HookKind, LastTokenReader, tokenize_texts
 from .criteria import Criterion, resolve_criteria
 from .files import atomic_folder, atomic_write_text
 from .instructions import load_instructions
+from .math.contrast import (
+    STAT_NAMES,  # noqa: F401 (re-exported: icon2_lens.directions.STAT_NAMES)
+    ContrastAccumulator,
+    Method,
+    cosine_per_layer,
+    directions_from_activations,
+    finish_directions,
+    get_direction_method,
+    split_halves,
+)
 from .models import LoadedModel
 from .prompts import require_chat_template, stimulus_texts
 
@@ -44,11 +56,7 @@ __all__ = [
     "versions",
 ]
 
-#: How a direction is computed from the differences ``h+ - h-`` of one layer.
-Method = Literal["pca", "mean_diff", "pca_centered"]
-_METHODS = ("pca", "mean_diff", "pca_centered")
 _FORMAT = "icon2_lens.directions/1"
-STAT_NAMES = ("resid_norm", "diff_norm", "explained_variance", "proj_mean", "proj_std", "proj_gap")
 
 
 def instruction_hash(text: str) -> str:
@@ -77,160 +85,6 @@ def versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[pkg] = "unknown"
     return out
-
-
-@dataclass
-class ContrastAccumulator:
-    """Streaming sums over contrast pairs of one criterion, per layer.
-
-    Holds the count, the sum and second moment of the differences ``h+ - h-``, the sum and a
-    shifted second moment of the pooled activations ``{h+, h-}``, and norm sums. Memory is
-    ``2 x layer x d_model^2`` floats, independent of the number of pairs.
-
-    Examples:
-        >>> acc = ContrastAccumulator(n_layers=2, d_model=4)
-        >>> acc.update(torch.randn(8, 2, 4) + 1, torch.randn(8, 2, 4))
-        >>> acc.n
-        8
-    """
-
-    n_layers: int
-    d_model: int
-    n: int = 0
-    diff_sum: Tensor = field(init=False)
-    diff_gram: Tensor = field(init=False)
-    h_sum: Tensor = field(init=False)
-    h_gram: Tensor = field(init=False)
-    h_ref: Tensor | None = field(init=False, default=None)
-    resid_norm_sum: Tensor = field(init=False)
-    diff_norm_sum: Tensor = field(init=False)
-
-    def __post_init__(self) -> None:
-        L, d = self.n_layers, self.d_model
-        self.diff_sum = torch.zeros(L, d, dtype=torch.float64)
-        self.diff_gram = torch.zeros(L, d, d, dtype=torch.float32)
-        self.h_sum = torch.zeros(L, d, dtype=torch.float64)
-        self.h_gram = torch.zeros(L, d, d, dtype=torch.float32)
-        self.resid_norm_sum = torch.zeros(L, dtype=torch.float64)
-        self.diff_norm_sum = torch.zeros(L, dtype=torch.float64)
-
-    def update(self, pos: Float[Tensor, "batch layer d_model"], neg: Float[Tensor, "batch layer d_model"]) -> None:
-        """Add a batch of paired activations (row ``i`` of ``pos`` pairs with row ``i`` of ``neg``)."""
-        if pos.shape != neg.shape or pos.shape[1:] != (self.n_layers, self.d_model):
-            raise ValueError(
-                f"pos {tuple(pos.shape)} and neg {tuple(neg.shape)} must both be [batch, {self.n_layers}, {self.d_model}]."
-            )
-        pos, neg = pos.float(), neg.float()
-        diff = pos - neg
-        pooled = torch.cat([pos, neg], 0)
-        if self.h_ref is None:  # shift for a numerically stable second moment
-            self.h_ref = pooled.mean(0)
-        shifted = (pooled - self.h_ref).transpose(0, 1)  # [layer, 2b, d]
-        dt = diff.transpose(0, 1)
-        self.diff_gram += dt.transpose(1, 2) @ dt
-        self.h_gram += shifted.transpose(1, 2) @ shifted
-        self.diff_sum += diff.sum(0).double()
-        self.h_sum += pooled.sum(0).double()
-        self.resid_norm_sum += pooled.norm(dim=-1).sum(0).double()
-        self.diff_norm_sum += diff.norm(dim=-1).sum(0).double()
-        self.n += pos.shape[0]
-
-    def merge(self, other: "ContrastAccumulator") -> "ContrastAccumulator":
-        """A new accumulator holding the pairs of both (as if all had been added to one).
-
-        Examples:
-            >>> a, b = ContrastAccumulator(2, 4), ContrastAccumulator(2, 4)
-            >>> a.update(torch.randn(3, 2, 4), torch.randn(3, 2, 4)); b.update(torch.randn(5, 2, 4), torch.randn(5, 2, 4))
-            >>> a.merge(b).n
-            8
-        """
-        if (self.n_layers, self.d_model) != (other.n_layers, other.d_model):
-            raise ValueError(f"Cannot merge accumulators of shape {(self.n_layers, self.d_model)} and "
-                             f"{(other.n_layers, other.d_model)}.")
-        out = ContrastAccumulator(self.n_layers, self.d_model)
-        parts = [a for a in (self, other) if a.n]
-        if not parts:
-            return out
-        out.h_ref = parts[0].h_ref
-        for a in parts:
-            assert a.h_ref is not None and out.h_ref is not None
-            # re-centre a's shifted second moment on out.h_ref: sum (h-r')(h-r')^T with r' = out.h_ref
-            shift = (a.h_ref - out.h_ref).double()  # r - r'
-            s = a.h_sum - 2 * a.n * a.h_ref.double()  # sum (h - r) over the 2n pooled rows
-            cross = shift[:, :, None] * s[:, None, :]
-            corr = cross + cross.transpose(1, 2) + 2 * a.n * shift[:, :, None] * shift[:, None, :]
-            out.h_gram += (a.h_gram.double() + corr).float()
-            out.diff_gram += a.diff_gram
-            out.diff_sum += a.diff_sum
-            out.h_sum += a.h_sum
-            out.resid_norm_sum += a.resid_norm_sum
-            out.diff_norm_sum += a.diff_norm_sum
-            out.n += a.n
-        return out
-
-    def directions(self, method: Method = "pca") -> tuple[Float[Tensor, "layer d_model"], dict[str, Float[Tensor, " layer"]]]:
-        """Unit direction per layer and its statistics (see `STAT_NAMES`)."""
-        if method not in _METHODS:
-            raise ValueError(f"Unknown method {method!r}; use one of {list(_METHODS)}.")
-        if self.n == 0:
-            raise ValueError("No contrast pairs were accumulated; pass at least one instruction.")
-        n = self.n
-        mean_diff = self.diff_sum / n  # float64 [L, d]
-        vecs = torch.empty(self.n_layers, self.d_model, dtype=torch.float64)
-        for layer in range(self.n_layers):
-            if method == "mean_diff":
-                v = mean_diff[layer]
-            else:
-                g = self.diff_gram[layer].double()
-                if method == "pca_centered":
-                    g = g - n * torch.outer(mean_diff[layer], mean_diff[layer])
-                _, eigvecs = torch.linalg.eigh(g)
-                v = eigvecs[:, -1]
-            norm = v.norm()
-            if not torch.isfinite(norm) or norm == 0:
-                raise ValueError(f"Layer {layer}: the contrast pairs do not differ, so no direction exists.")
-            v = v / norm
-            if torch.dot(v, mean_diff[layer]) < 0:
-                v = -v
-            vecs[layer] = v
-        # statistics
-        gd = torch.stack([vecs[i] @ self.diff_gram[i].double() @ vecs[i] for i in range(self.n_layers)])
-        trace = torch.stack([self.diff_gram[i].double().diagonal().sum() for i in range(self.n_layers)])
-        m_pool = 2 * n
-        h_mean = self.h_sum / m_pool
-        assert self.h_ref is not None
-        delta = h_mean - self.h_ref.double()
-        var = torch.stack([
-            vecs[i] @ self.h_gram[i].double() @ vecs[i] / m_pool - torch.dot(vecs[i], delta[i]) ** 2
-            for i in range(self.n_layers)
-        ])
-        stats = {
-            "resid_norm": self.resid_norm_sum / m_pool,
-            "diff_norm": self.diff_norm_sum / n,
-            "explained_variance": gd / trace.clamp_min(1e-30),
-            "proj_mean": (vecs * h_mean).sum(-1),
-            "proj_std": var.clamp_min(0).sqrt(),
-            "proj_gap": (vecs * mean_diff).sum(-1),
-        }
-        return vecs.float(), {k: v.float() for k, v in stats.items()}
-
-
-def directions_from_activations(
-    pos: Float[Tensor, "n layer d_model"],
-    neg: Float[Tensor, "n layer d_model"],
-    *,
-    method: Method = "pca",
-) -> tuple[Float[Tensor, "layer d_model"], dict[str, Float[Tensor, " layer"]]]:
-    """Directions and statistics from paired activations held in memory (pure tensor math).
-
-    Examples:
-        >>> u, stats = directions_from_activations(torch.randn(16, 3, 8) + 2, torch.randn(16, 3, 8))
-        >>> u.shape, sorted(stats)[:2]
-        (torch.Size([3, 8]), ['diff_norm', 'explained_variance'])
-    """
-    acc = ContrastAccumulator(n_layers=pos.shape[1], d_model=pos.shape[2])
-    acc.update(pos, neg)
-    return acc.directions(method)
 
 
 @dataclass(frozen=True)
@@ -452,7 +306,7 @@ def extract_directions(
     criteria: Sequence[Criterion | str] | Criterion | str | Path | None = None,
     instructions: Sequence[str] | str | Path | Any = "default",
     *,
-    method: Method = "pca",
+    method: Method | str = "pca",
     hook: HookKind | str = "resid_post",
     layers: Sequence[int] | range | None = None,
     batch_size: int = 32,
@@ -470,7 +324,8 @@ def extract_directions(
         model: from `icon2_lens.load_model`.
         criteria: criteria or names (default: `icon2_lens.DEFAULT_CRITERIA`), or a YAML file.
         instructions: the feature set: ``"default"`` (built-in, 256), a list, a TXT/JSONL file or a dataset.
-        method: ``"pca"`` (default), ``"mean_diff"`` or ``"pca_centered"``.
+        method: ``"pca"`` (default), ``"mean_diff"``, ``"pca_centered"``, or a name registered with
+            `icon2_lens.math.register_direction_method`.
         hook: residual hook kind (default ``resid_post``).
         layers: layers to extract (default: all).
         batch_size: prompts per forward pass.
@@ -490,8 +345,7 @@ def extract_directions(
         >>> model = il.load_model()  # doctest: +SKIP
         >>> dirs = il.extract_directions(model, il.DEFAULT_CRITERIA, "default")  # doctest: +SKIP
     """
-    if method not in _METHODS:
-        raise ValueError(f"Unknown method {method!r}; use one of {list(_METHODS)}.")
+    get_direction_method(method)  # an unknown name fails before the forward passes
     crits = resolve_criteria(criteria)
     instr = load_instructions(instructions)
     groups = split_halves(len(instr), seed=seed) if stability else None
@@ -520,44 +374,3 @@ def extract_directions(
     if stability:
         meta["stability_split"] = {"seed": seed, "halves": [groups.count(0), groups.count(1)]}  # type: ignore[union-attr]
     return DirectionSet(vectors=vecs, criteria=[c.name for c in crits], stats=stats, meta=meta)
-
-
-def split_halves(n: int, *, seed: int = 0) -> list[int]:
-    """Group id (0 or 1) of each of ``n`` items: two disjoint random halves (seeded).
-
-    Examples:
-        >>> split_halves(4, seed=0).count(0)
-        2
-    """
-    if n < 4:
-        raise ValueError(f"Split-half stability needs at least 4 instructions, got {n}.")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    groups = [0] * n
-    for rank, i in enumerate(perm):
-        groups[i] = 0 if rank < n // 2 else 1
-    return groups
-
-
-def finish_directions(
-    accs: Sequence[ContrastAccumulator], method: Method
-) -> tuple[Float[Tensor, "criterion layer d_model"], dict[str, Float[Tensor, "criterion layer"]]]:
-    """Stack the directions and statistics of one accumulator per criterion.
-
-    Examples:
-        >>> vecs, stats = finish_directions(accs[0], "pca")  # doctest: +SKIP
-    """
-    per = [a.directions(method) for a in accs]
-    vecs = torch.stack([p[0] for p in per])
-    stats = {k: torch.stack([p[1][k] for p in per]) for k in STAT_NAMES}
-    return vecs, stats
-
-
-def cosine_per_layer(a: Float[Tensor, "layer d_model"], b: Float[Tensor, "layer d_model"]) -> Float[Tensor, " layer"]:
-    """Cosine similarity of two unit-vector stacks, layer by layer.
-
-    Examples:
-        >>> v = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
-        >>> bool(torch.allclose(cosine_per_layer(v, v), torch.ones(3)))
-        True
-    """
-    return torch.nn.functional.cosine_similarity(a, b, dim=-1)

@@ -15,21 +15,24 @@ better), so any of them plugs into `icon2_lens.calibrate_gamma`:
 * `RewardModelScorer`: any HF sequence-classification reward model (``logits[:, 0]``).
 * `PairwiseJudge`: a chat model asked which of two responses is better, both orders; a verdict
   that flips with the order counts as a tie (0.5).
+
+The text metrics (`distinct_n`, `is_degenerate`, `degeneration_stats`, `parse_verdict`) live in
+`icon2_lens.math.text` and the probe in `icon2_lens.math.probe`; they are importable from here too.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from typing import Any, Protocol, Sequence
 
 import torch
 
 from .activations import LastTokenReader, tokenize_texts
 from .directions import DirectionSet
+from .math.probe import probe_scores
+from .math.text import degeneration_stats, distinct_n, is_degenerate, parse_verdict
 from .models import LoadedModel
 from .prompts import render_chat
-from .scoring import consistency_scores, project
 
 __all__ = [
     "Scorer",
@@ -53,45 +56,6 @@ class Scorer(Protocol):
 
     def __call__(self, instructions: Sequence[str], responses: Sequence[str], criteria: Sequence[str]) -> list[float]:
         ...
-
-
-def distinct_n(text: str, n: int = 2) -> float:
-    """Share of distinct word n-grams among all word n-grams of ``text`` (1.0 if it has none).
-
-    Examples:
-        >>> distinct_n("the cat sat on the mat", 2)
-        1.0
-        >>> distinct_n("no no no no no", 2)
-        0.25
-    """
-    words = text.split()
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 1.0
-
-
-_CHAR_RUN = re.compile(r"(.)\1{19,}", re.S)  # one character 20+ times in a row
-_UNIT_RUN = re.compile(r"(.{2,12}?)\1{9,}", re.S)  # a 2-12 character unit 10+ times in a row
-
-
-def is_degenerate(text: str, *, min_distinct2: float = 0.5) -> bool:
-    """Whether a response has degenerated: empty, a loop of repeated words (distinct-2 below
-    ``min_distinct2`` over at least 8 words), or a run without spaces (one character 20+ times,
-    or a 2-12 character unit 10+ times, in a row).
-
-    Examples:
-        >>> is_degenerate("Paris is the capital of France.")
-        False
-        >>> is_degenerate("the the the the the the the the the the")
-        True
-        >>> is_degenerate("ok" + "!" * 30)
-        True
-    """
-    t = text.strip()
-    if not t:
-        return True
-    if len(t.split()) >= 8 and distinct_n(t, 2) < min_distinct2:
-        return True
-    return bool(_CHAR_RUN.search(t) or _UNIT_RUN.search(t))
 
 
 class ProbeScorer:
@@ -135,8 +99,8 @@ class ProbeScorer:
             for start in range(0, len(order), self.batch_size):
                 rows = order[start:start + self.batch_size]
                 h = reader.read([ids[i] for i in rows])
-                z = consistency_scores(project(h, d.vectors[:, cols]), mean=d.stats["proj_mean"][:, cols],
-                                       std=d.stats["proj_std"][:, cols])  # [b, criterion]
+                z = probe_scores(h, d.vectors[:, cols], mean=d.stats["proj_mean"][:, cols],
+                                 std=d.stats["proj_std"][:, cols])  # [b, criterion]
                 out[rows] = z[torch.arange(len(rows)), ci[rows]]
         return out.tolist()
 
@@ -295,44 +259,6 @@ def pair_report(pairs: Any, *, scorer: Any | None = None, n_examples: int = 5) -
     return out
 
 
-def parse_verdict(text: str) -> str | None:
-    """The verdict of a text-generating judge: ``"A"``, ``"B"`` or ``None`` when it names neither or both.
-
-    Accepts "A", "Response B", "**A**", "The answer is B.", "ranking: A > B" (the first of a ranking wins);
-    refuses garbage and answers that mention both as winners.
-
-    Examples:
-        >>> parse_verdict("Response B is better."), parse_verdict("ranking: A > B"), parse_verdict("banana")
-        ('B', 'A', None)
-    """
-    t = text.strip()
-    m = re.search(r"ranking\s*:\s*\(?([AB])\)?\s*>", t, re.IGNORECASE)
-    if m:
-        return m.group(1).upper()
-    found = set(re.findall(r"(?<![A-Za-z])([AB])(?![A-Za-z])", t))
-    return found.pop() if len(found) == 1 else None
-
-
-def degeneration_stats(texts: Sequence[str]) -> dict[str, float]:
-    """Distinct-1/2 (mean per text), repetition rate (share of repeated word 3-grams), degenerate share, mean words.
-
-    Examples:
-        >>> degeneration_stats(["a b c d", "x x x x x x"])["degenerate_share"]
-        0.0
-    """
-    if not texts:
-        raise ValueError("No texts to measure.")
-    rep = []
-    for t in texts:
-        w = t.split()
-        grams = [tuple(w[i:i + 3]) for i in range(len(w) - 2)]
-        rep.append(1 - len(set(grams)) / len(grams) if grams else 0.0)
-    n = len(texts)
-    return {"distinct1": sum(distinct_n(t, 1) for t in texts) / n, "distinct2": sum(distinct_n(t, 2) for t in texts) / n,
-            "repetition_rate": sum(rep) / n, "degenerate_share": sum(is_degenerate(t) for t in texts) / n,
-            "mean_words": sum(len(t.split()) for t in texts) / n}
-
-
 def _answers(model: LoadedModel, instructions: Sequence[str], *, max_new_tokens: int, batch_size: int,
              progress: bool, desc: str) -> list[str]:
     from tqdm.auto import tqdm
@@ -367,8 +293,8 @@ def probe_means(model: LoadedModel, directions: DirectionSet, instructions: Sequ
     cols = [directions.layers.index(x) for x in layer_ids]
     h = read_last_token(model, scoring_texts(model.tokenizer, instructions), hook=directions.hook, layers=layer_ids,
                         batch_size=batch_size, progress=False)
-    z = consistency_scores(project(h, directions.vectors[:, cols]), mean=directions.stats["proj_mean"][:, cols],
-                           std=directions.stats["proj_std"][:, cols]).mean(0)
+    z = probe_scores(h, directions.vectors[:, cols], mean=directions.stats["proj_mean"][:, cols],
+                     std=directions.stats["proj_std"][:, cols]).mean(0)
     return {c: float(z[i]) for i, c in enumerate(directions.criteria)}
 
 

@@ -12,7 +12,8 @@ layer's direction orders the positive above the negative member (0.5 = chance):
   true vs false, safe vs unsafe), read with no system prompt at the response's last token.
 
 The suggested steering range is the contiguous window (a third of the layers by default) with the
-highest mean of (b) and (c) over criteria.
+highest mean of (b) and (c) over criteria. The numbers (`separation`, `suggest_layer_range`) are
+computed in `icon2_lens.math.layerstats`; this module reads the model and reports.
 """
 
 from __future__ import annotations
@@ -33,17 +34,12 @@ if TYPE_CHECKING:
 
 from .activations import read_last_token
 from .criteria import Criterion
-from .directions import (
-    DirectionSet,
-    Method,
-    accumulate_contrasts,
-    cosine_per_layer,
-    finish_directions,
-    instruction_hash,
-    split_halves,
-)
+from .directions import DirectionSet, accumulate_contrasts, instruction_hash
 from .files import atomic_write_text
 from .instructions import builtin_instructions, load_instructions
+from .math.contrast import Method, cosine_per_layer, finish_directions, split_halves
+from .math.layerstats import separation, steering_score, suggest_layer_range
+from .math.probe import project_criterion
 from .models import LoadedModel
 from .prompts import render_chat, require_chat_template
 
@@ -85,46 +81,6 @@ def builtin_response_pairs() -> dict[str, list[ResponsePair]]:
             row = json.loads(line)
             out.setdefault(row["criterion"], []).append((row["question"], row["positive"], row["negative"]))
     return out
-
-
-def separation(
-    pos_proj: Float[Tensor, "n layer"], neg_proj: Float[Tensor, "n layer"]
-) -> Float[Tensor, " layer"]:
-    """Share of pairs whose positive member projects above its negative member, per layer.
-
-    Examples:
-        >>> separation(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]))
-        tensor([1., 0.])
-    """
-    if pos_proj.shape != neg_proj.shape or pos_proj.ndim != 2 or pos_proj.shape[0] == 0:
-        raise ValueError(f"Expected two non-empty [n, layer] tensors of one shape, got {pos_proj.shape}, {neg_proj.shape}.")
-    return (pos_proj > neg_proj).float().mean(0)
-
-
-def suggest_layer_range(
-    score: Float[Tensor, " layer"], *, width: int | None = None, layers: Sequence[int] | None = None
-) -> list[int]:
-    """The contiguous window of ``width`` layers with the highest mean score (NaNs ignored).
-
-    ``width`` defaults to a third of the layers (the paper steers layers 10-20 of 32). Ties go to
-    the window closest to the middle.
-
-    Examples:
-        >>> suggest_layer_range(torch.tensor([0.5, 0.9, 0.95, 0.6, 0.5, 0.5]), width=2)
-        [1, 2]
-    """
-    n = score.shape[0]
-    layer_ids = list(layers) if layers is not None else list(range(n))
-    w = max(1, round(n / 3)) if width is None else width
-    if not 1 <= w <= n:
-        raise ValueError(f"width must be between 1 and {n}, got {w}.")
-    s = torch.nan_to_num(score.double(), nan=0.0)
-    means = torch.stack([s[i:i + w].mean() for i in range(n - w + 1)])
-    best = means.max()
-    cands = [i for i in range(n - w + 1) if means[i] >= best - 1e-12]
-    mid = (n - w) / 2
-    start = min(cands, key=lambda i: abs(i - mid))
-    return layer_ids[start:start + w]
 
 
 @dataclass(frozen=True)
@@ -268,10 +224,6 @@ def _range_str(layers: Sequence[int]) -> str:
     return f"{min(layers)}-{max(layers)}" if list(layers) == list(range(min(layers), max(layers) + 1)) else str(list(layers))
 
 
-def _project(h: Float[Tensor, "n layer d_model"], u: Float[Tensor, "layer d_model"]) -> Float[Tensor, "n layer"]:
-    return (h * u.unsqueeze(0)).sum(-1)
-
-
 def _default_heldout(directions: DirectionSet, n: int) -> list[str]:
     used = set(directions.meta.get("instruction_hashes", []))
     # built-in "heldout" comes after "default" in "all": with the default feature set, these are the held-out 64
@@ -354,11 +306,9 @@ def layer_report(
     for (m, name), (ps, ns, n) in spans.items():
         ci = directions.index(name)
         u = directions.vectors[ci]
-        result[m][ci] = separation(_project(h[ps:ps + n], u), _project(h[ns:ns + n], u))
+        result[m][ci] = separation(project_criterion(h[ps:ps + n], u), project_criterion(h[ns:ns + n], u))
         counts.setdefault(name, {})[m] = n
-    score = torch.stack([result["b"], result["c"]]).nanmean(0).nanmean(0)  # [layer]
-    if torch.isnan(score).all():  # custom criteria only: fall back to (a)
-        score = result["a"].mean(0)
+    score = steering_score(result["a"], result["b"], result["c"])
     suggested = suggest_layer_range(score, width=width, layers=directions.layers)
     return LayerReport(
         criteria=list(directions.criteria), layers=directions.layers, heldout=result["a"],

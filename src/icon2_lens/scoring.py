@@ -11,29 +11,28 @@ projection mean and standard deviation stored in the `DirectionSet` before the m
 so layers and criteria with larger norms or offsets do not dominate; ``standardize=False`` is the
 paper's Eq. 2 literally. On SmolLM2 the raw scores of the four criteria differ in their means by
 more than their spread across instructions, so the raw argmax picks *harmless* for 88% of the
-instructions whatever they say (docs: Synthesis and filtering, measured). The math is in pure functions
-(`project`, `consistency_scores`, `assign_criteria`), tested without a model.
+instructions whatever they say (docs: Synthesis and filtering, measured). The math is in
+`icon2_lens.math.probe` (`project`, `consistency_scores`, `probe_scores`, `assign_criteria`) and
+`icon2_lens.math.selection` (the selection rules), tested without a model.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
-import numbers
 import os
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import torch
-from jaxtyping import Float, Int
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from .activations import LastTokenReader, tokenize_texts
 from .directions import DirectionSet
 from .instructions import load_instructions
+from .math.probe import assign_criteria, consistency_scores, probe_scores, project
+from .math.selection import DEFAULT_TOP_FRACTION, select_indices
 from .models import LoadedModel
 from .prompts import Render, scoring_texts
 from .shards import check_shard, parse_shard, shard_label, write_shard_file
@@ -53,56 +52,6 @@ __all__ = [
     "save_scores",
     "DEFAULT_TOP_FRACTION",
 ]
-
-#: Share kept by `select_instructions` when no rule is given (the paper kept ~100K of 1M).
-DEFAULT_TOP_FRACTION = 0.1
-
-
-def project(
-    h: Float[Tensor, "batch layer d_model"], vectors: Float[Tensor, "criterion layer d_model"]
-) -> Float[Tensor, "batch criterion layer"]:
-    """Per-layer projection ``h^l . u_c^l`` of each row on each criterion's directions.
-
-    Examples:
-        >>> project(torch.ones(2, 3, 4), torch.ones(1, 3, 4)).shape
-        torch.Size([2, 1, 3])
-    """
-    return torch.einsum("bld,cld->bcl", h.float(), vectors.float())
-
-
-def consistency_scores(
-    proj: Float[Tensor, "batch criterion layer"],
-    *,
-    mean: Float[Tensor, "criterion layer"] | None = None,
-    std: Float[Tensor, "criterion layer"] | None = None,
-) -> Float[Tensor, "batch criterion"]:
-    """Eq. 2: the mean over layers of the projections, optionally z-scored per layer first.
-
-    Examples:
-        >>> consistency_scores(torch.tensor([[[1.0, 3.0]]]))
-        tensor([[2.]])
-        >>> consistency_scores(torch.tensor([[[1.0, 3.0]]]), mean=torch.tensor([[1.0, 1.0]]), std=torch.tensor([[1.0, 2.0]]))
-        tensor([[0.5000]])
-    """
-    if (mean is None) != (std is None):
-        raise ValueError("Pass both mean and std to standardise, or neither.")
-    if mean is not None and std is not None:
-        if (std <= 0).any():
-            raise ValueError("Standardisation needs positive projection std at every selected layer.")
-        proj = (proj - mean) / std
-    return proj.mean(-1)
-
-
-def assign_criteria(scores: Float[Tensor, "batch criterion"]) -> tuple[Float[Tensor, " batch"], Int[Tensor, " batch"]]:
-    """Eq. 3: ``(consistency, criterion index)`` = max and argmax over criteria (first on ties).
-
-    Examples:
-        >>> assign_criteria(torch.tensor([[0.1, 0.4], [0.3, -1.0]]))
-        (tensor([0.4000, 0.3000]), tensor([1, 0]))
-    """
-    best, idx = scores.max(dim=-1)
-    return best, idx
-
 
 def scoring_layers(directions: DirectionSet, layers: Literal["all", "suggested"] | Sequence[int] | range) -> list[int]:
     """Resolve a layer choice to model layer ids present in ``directions``.
@@ -212,7 +161,7 @@ def score_instructions(
                     continue
                 rows = order[b0:b0 + batch_size]
                 h = reader.read([ids[i] for i in rows])
-                scores[[c0 + i for i in rows]] = consistency_scores(project(h, vecs), mean=mean, std=std)
+                scores[[c0 + i for i in rows]] = probe_scores(h, vecs, mean=mean, std=std)
                 done.extend(c0 + i for i in rows)
                 bar.update(len(rows))
     keep = sorted(done)
@@ -328,58 +277,12 @@ def select_instructions(
     Examples:
         >>> sel = il.select_instructions(table, top_fraction=0.1)  # doctest: +SKIP
     """
-    given = {k: v for k, v in {"top_fraction": top_fraction, "top_k": top_k, "threshold": threshold}.items()
-             if v is not None}
-    if len(given) > 1:
-        raise ValueError(f"Give one selection rule, not {sorted(given)}: top_fraction, top_k or threshold.")
-    if not given:
-        top_fraction = DEFAULT_TOP_FRACTION
     missing = {"consistency", "criterion"} - set(table.column_names)
     if missing:
         raise ValueError(f"The table lacks {sorted(missing)}; pass the output of score_instructions.")
-    n = len(table)
-    if n == 0:
-        raise ValueError("The score table is empty; score at least one instruction first.")
-    if top_fraction is not None and not 0 < top_fraction <= 1:
-        raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}.")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
-    if balance_criteria and threshold is not None:
-        raise ValueError("balance_criteria works with top_fraction or top_k, not with a threshold.")
-    cons = table["consistency"]
-    crit = table["criterion"]
-    ranked = sorted(range(n), key=lambda i: -cons[i])  # stable: ties keep input order
-    if threshold is not None:
-        keep = [i for i in ranked if cons[i] >= threshold]
-        if not keep:
-            raise ValueError(f"No instruction reaches consistency >= {threshold} (the highest is {max(cons):.4g}); "
-                             "lower the threshold or use top_fraction / top_k.")
-    elif not balance_criteria:
-        k = top_k if top_k is not None else math.ceil(top_fraction * n)  # type: ignore[operator]
-        keep = ranked[:k]
-    else:
-        groups = sorted(set(crit), key=crit.index)
-        members = {g: [i for i in ranked if crit[i] == g] for g in groups}
-        if top_k is not None:
-            quota = _balanced_quotas({g: len(members[g]) for g in groups}, int(top_k))
-        else:
-            quota = {g: math.ceil(top_fraction * len(members[g])) for g in groups}  # type: ignore[operator]
-        keep = sorted((i for g in groups for i in members[g][:quota[g]]), key=lambda i: -cons[i])
+    keep = select_indices(list(table["consistency"]), list(table["criterion"]), top_fraction=top_fraction, top_k=top_k,
+                          threshold=threshold, balance_criteria=balance_criteria)
     return table.select(keep)
-
-
-def _balanced_quotas(sizes: dict[str, int], k: int) -> dict[str, int]:
-    """Split ``k`` as evenly as possible over groups; a group too small to fill its share passes the rest on."""
-    quota = {g: 0 for g in sizes}
-    left = min(k, sum(sizes.values()))
-    while left:
-        open_groups = [g for g in sizes if quota[g] < sizes[g]]
-        share, extra = divmod(left, len(open_groups))
-        for gi, g in enumerate(open_groups):
-            add = min(share + (1 if gi < extra else 0), sizes[g] - quota[g])
-            quota[g] += add
-            left -= add
-    return quota
 
 
 def consistency_histogram(

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .files import append_jsonl, atomic_write_text, open_run_folder, read_jsonl_resumable
+from .math.text import jaccard, normalize_text, shingles
 from .models import LoadedModel
 from .prompts import PreQuery, pre_query_template
 from .shards import check_shard, shard_batches, shard_label, write_shard_file
@@ -60,22 +61,6 @@ _ANSWER_ANYWHERE = re.compile(
     r"i(?:'m| am) an ai assistant|named smollm",
     re.IGNORECASE,
 )
-_NON_WORD = re.compile(r"[^\w]+", re.UNICODE)
-
-
-def normalize_text(text: str) -> str:
-    """Lower-case, punctuation dropped, whitespace collapsed (the key of exact-duplicate detection).
-
-    Examples:
-        >>> normalize_text("  Write a POEM, please! ")
-        'write a poem please'
-    """
-    return " ".join(_NON_WORD.sub(" ", text.lower()).split())
-
-
-def _shingles(norm: str, k: int = 5) -> frozenset[str]:
-    s = f" {norm} "
-    return frozenset(s[i:i + k] for i in range(max(1, len(s) - k + 1)))
 
 
 def _drop_reason(text: str, finished: bool, *, min_words: int, max_words: int, special: Sequence[str]) -> str | None:
@@ -149,13 +134,13 @@ def clean_generations(
         norm = normalize_text(text)
         if reason is None and norm in seen:
             reason, out["duplicate_of"] = "duplicate", seen[norm]
-        sh = _shingles(norm) if reason is None else frozenset()
+        sh = shingles(norm) if reason is None else frozenset()
         if reason is None and near_duplicate_threshold < 1.0:
             shared: Counter[int] = Counter()
             for g in sh:
                 shared.update(postings.get(g, ()))
             for j, inter in shared.items():
-                if inter / (len(sh) + len(kept_shingles[j]) - inter) >= near_duplicate_threshold:
+                if jaccard(sh, kept_shingles[j], shared=inter) >= near_duplicate_threshold:
                     reason, out["duplicate_of"] = "near_duplicate", kept_ids[j]
                     break
         if reason is not None:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import icon2_lens as il
-from icon2_lens.directions import ContrastAccumulator, cosine_per_layer, instruction_hash
+from icon2_lens.directions import instruction_hash
+from icon2_lens.math.contrast import ContrastAccumulator, cosine_per_layer
 
 METHODS = ("pca", "mean_diff", "pca_centered")
 
