@@ -5,7 +5,7 @@ One run on the embedded model, the same rendered prompts (built-in instructions,
 no system prompt) for every side, greedy decoding, KV cache, and a fixed number of new tokens per
 row (``min_new_tokens = max_new_tokens``, so every side produces the same number of tokens):
 
-1. steered tokens/s (the fast path: HF ``generate`` on ``model.generation_model()`` with
+1. steered tokens/s (the fast path: HF ``generate`` on ``il.gen.hf_model(model)`` with
    ``il.steer(..., path="hf")`` hooks at the 10 suggested layers, a per-row gamma) / plain HF
    ``generate`` tokens/s (a separate ``model.hf_model()``, default sdpa attention, no hooks), same
    batch. Goal >= 0.95.
@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     input_ids, mask = left_pad(ids, int(tok.pad_token_id))
     plain = model.hf_model()
     plain.eval()
-    fast = model.generation_model()
+    fast = il.gen.hf_model(model)
     gen_kw = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
                   pad_token_id=int(tok.pad_token_id))
     gammas = [args.gamma if i % 2 == 0 else -args.gamma for i in range(len(ids))]

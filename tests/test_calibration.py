@@ -398,7 +398,7 @@ def _direct_prefers_first(model, q, a, b):
     text = render_chat(model.tokenizer, PairwiseJudge.PROMPT.format(q=q, a=a, b=b))
     ids = torch.tensor([model.tokenizer(text, add_special_tokens=False)["input_ids"]])
     with torch.inference_mode():
-        logits = model.generation_model()(ids).logits[0, -1]
+        logits = il.gen.hf_model(model)(ids).logits[0, -1]
     tok = model.tokenizer
     return bool(logits[tok("A", add_special_tokens=False)["input_ids"][0]]
                 > logits[tok("B", add_special_tokens=False)["input_ids"][0]])

@@ -16,7 +16,7 @@ from conftest import PROMPTS
 
 
 def _hook_counts(model) -> tuple[int, int]:
-    return len(model.bridge._forward_pre_hooks), len(model.generation_model()._forward_pre_hooks)
+    return len(model.bridge._forward_pre_hooks), len(il.gen.hf_model(model)._forward_pre_hooks)
 
 
 def test_generation_counts_equal_the_generated_lengths(talker):

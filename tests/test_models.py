@@ -136,8 +136,8 @@ def test_chat_template_argument_is_used(tiny_model_no_template_dir):
 
 
 def test_generation_model_shares_weights_and_matches_hf(tiny_model):
-    gen = tiny_model.generation_model()
-    assert gen is tiny_model.generation_model()  # made once per LoadedModel
+    gen = il.gen.hf_model(tiny_model)
+    assert gen is il.gen.hf_model(tiny_model)  # made once per LoadedModel
     bridge_ptrs = {p.data_ptr() for p in tiny_model.bridge.original_model.parameters()}
     assert all(p.data_ptr() in bridge_ptrs for p in gen.parameters())  # no copy of the weights
     assert not any(t.is_meta for t in [*gen.parameters(), *gen.buffers()])

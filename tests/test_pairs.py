@@ -161,7 +161,7 @@ def test_finished_flags_and_cut_at_end_of_turn(talker, dirs):
     mask = (torch.arange(width)[None] >= torch.tensor([width - len(x) for x in ids])[:, None]).long()
     with torch.random.fork_rng(devices=[]), torch.inference_mode():
         torch.manual_seed(0)
-        out = talker.generation_model().generate(input_ids, attention_mask=mask, max_new_tokens=n, do_sample=True,
+        out = il.gen.hf_model(talker).generate(input_ids, attention_mask=mask, max_new_tokens=n, do_sample=True,
                                                  temperature=1.0, top_p=1.0, top_k=0, eos_token_id=[end],
                                                  pad_token_id=tok.pad_token_id)
     finished = 0

@@ -8,7 +8,8 @@ import torch
 import icon2_lens as il
 from icon2_lens.directions import DirectionSet
 from icon2_lens.pairs import generate_steered
-from icon2_lens.steering import Steering, _Tracker, steer, steering_vectors
+from icon2_lens.gen import PositionTracker as _Tracker
+from icon2_lens.steering import Steering, steer, steering_vectors
 
 from conftest import INSTRUCTIONS
 
@@ -45,7 +46,7 @@ def _batch(model, prompts):
 def _hf_generate(model, ids, mask, n, *, use_cache=True, min_new_tokens=None):
     kw = {"min_new_tokens": min_new_tokens} if min_new_tokens else {}
     with torch.inference_mode():
-        return model.generation_model().generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+        return il.gen.hf_model(model).generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
                                                  use_cache=use_cache, pad_token_id=model.tokenizer.pad_token_id,
                                                  **kw)
 
@@ -59,12 +60,12 @@ def _recorder(module, store):
 
 
 def _hf_layer(model, layer):
-    return model.generation_model().model.layers[layer]
+    return il.gen.hf_model(model).model.layers[layer]
 
 
 def _hook_state(model):
     """(hf forward hooks, hf pre-hooks, bridge torch hooks, bridge TL handles) summed over all layers/hook points."""
-    layers = model.generation_model().model.layers
+    layers = il.gen.hf_model(model).model.layers
     points = {id(hp): hp for hp in model.bridge.hook_dict.values()}.values()
     return (sum(len(m._forward_hooks) for m in layers), sum(len(m._forward_pre_hooks) for m in layers),
             sum(len(hp._forward_hooks) for hp in points), sum(len(hp.fwd_hooks) for hp in points))
@@ -368,7 +369,7 @@ def test_reset_between_generations_inside_one_context(tiny_model, dirs, chat_pro
     with steer(*args, **kw) as st:
         _hf_generate(tiny_model, ids1, m1, 1, use_cache=False)  # one forward: a prefill of len(first)
         st.reset()
-        assert all(t.prompt_len is None and t.next_pos == 0 for t in st._trackers)
+        assert all(t.prompt_len is None and t.next_pos == 0 for t in st.trackers) and len(st.trackers) == len(LAYERS)
         again2 = _hf_generate(tiny_model, ids2, m2, 5, use_cache=False)
     assert torch.equal(again2, fresh2)
 
@@ -397,13 +398,14 @@ def test_resid_mid_directions_are_refused(tiny_model):
 
 
 def test_steering_constructor_checks(tiny_model, dirs):
+    from icon2_lens.gen import SteerSpec
+
     vec = {1: torch.zeros(1, tiny_model.d_model)}
     with pytest.raises(ValueError, match="out of range"):
-        Steering(tiny_model, {4: torch.zeros(1, tiny_model.d_model)}, hook_kind="resid_post", positions="all",
-                 path="hf")
+        Steering(tiny_model, SteerSpec({4: torch.zeros(1, tiny_model.d_model)}), path="hf")
     with pytest.raises(ValueError, match="Unknown positions"):
-        Steering(tiny_model, vec, hook_kind="resid_post", positions="prompt", path="hf")
+        Steering(tiny_model, SteerSpec(vec, positions="prompt"), path="hf")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="Unknown path"):
-        Steering(tiny_model, vec, hook_kind="resid_post", positions="all", path="tl")
+        Steering(tiny_model, SteerSpec(vec), path="tl")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="Unknown path"):
         generate_steered(tiny_model, ["hi"], path="both", max_new_tokens=1)

@@ -13,13 +13,14 @@ import re
 from typing import Literal, Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from .models import LoadedModel
 
-__all__ = ["HookKind", "LastTokenReader", "hook_names", "read_last_token", "tokenize_texts", "resolve_layers"]
+__all__ = ["HookKind", "LastTokenReader", "hook_names", "hook_kind", "left_pad", "read_last_token", "tokenize_texts",
+           "resolve_layers"]
 
 #: Residual-stream hook points (TransformerLens names, ``blocks.{l}.hook_<kind>``).
 HookKind = Literal["resid_pre", "resid_mid", "resid_post"]
@@ -56,6 +57,23 @@ def resolve_layers(model: LoadedModel, layers: Sequence[int] | range | None) -> 
     return out
 
 
+def hook_kind(hook: str) -> str:
+    """The residual kind of a hook name: ``"resid_post"`` for ``"resid_post"``, ``"hook_resid_post"`` or
+    ``"blocks.{layer}.hook_resid_post"`` (the one hook-name parser).
+
+    Examples:
+        >>> hook_kind("blocks.{layer}.hook_resid_pre")
+        'resid_pre'
+    """
+    m = _HOOK_RE.match(hook)
+    if m is None or m.group("kind") not in _RESID_KINDS:
+        raise ValueError(
+            f"Unknown hook {hook!r}. Use a residual-stream hook: 'resid_pre', 'resid_mid' or 'resid_post' "
+            "(also accepted as 'hook_resid_post' or 'blocks.{layer}.hook_resid_post')."
+        )
+    return m.group("kind")
+
+
 def hook_names(model: LoadedModel, hook: str, layers: Sequence[int]) -> list[str]:
     """TransformerLens hook names for ``hook`` at ``layers``, checked against the bridge.
 
@@ -65,13 +83,7 @@ def hook_names(model: LoadedModel, hook: str, layers: Sequence[int]) -> list[str
         >>> hook_names(model, "resid_post", [0, 1])  # doctest: +SKIP
         ['blocks.0.hook_resid_post', 'blocks.1.hook_resid_post']
     """
-    m = _HOOK_RE.match(hook)
-    if m is None or m.group("kind") not in _RESID_KINDS:
-        raise ValueError(
-            f"Unknown hook {hook!r}. Use a residual-stream hook: 'resid_pre', 'resid_mid' or 'resid_post' "
-            "(also accepted as 'hook_resid_post' or 'blocks.{layer}.hook_resid_post')."
-        )
-    names = [f"blocks.{layer}.hook_{m.group('kind')}" for layer in layers]
+    names = [f"blocks.{layer}.hook_{hook_kind(hook)}" for layer in layers]
     missing = [n for n in names if n not in model.bridge.hook_dict]
     if missing:
         raise ValueError(f"Hook points {missing[:3]} do not exist in this model; check the hook and layers.")
@@ -88,7 +100,14 @@ def tokenize_texts(model: LoadedModel, texts: Sequence[str]) -> list[list[int]]:
     return [list(ids) for ids in enc["input_ids"]]
 
 
-def _left_pad(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+def left_pad(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[Int[Tensor, "batch width"], Int[Tensor, "batch width"]]:
+    """Left-padded ``input_ids`` and ``attention_mask`` (1 on real tokens) of token-id lists (the one left-pad).
+
+    Examples:
+        >>> ids, mask = left_pad([[5, 6], [7]], pad_id=0)
+        >>> ids.tolist(), mask.tolist()
+        ([[5, 6], [0, 7]], [[1, 1], [0, 1]])
+    """
     width = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -149,7 +168,7 @@ class LastTokenReader:
             raise RuntimeError("LastTokenReader.read() must be called inside `with LastTokenReader(...)`.")
         if any(len(x) == 0 for x in ids):
             raise ValueError("A prompt tokenises to nothing; pass non-empty prompts.")
-        input_ids, mask = _left_pad(ids, self._pad_id)
+        input_ids, mask = left_pad(ids, self._pad_id)
         self._buf = torch.empty((len(ids), len(self.names), self.model.d_model), dtype=torch.float32)
         device = self.model.device
         try:

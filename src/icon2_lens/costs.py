@@ -36,6 +36,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from .files import atomic_write_text
+from .gen import hf_model, stop_ids
 
 __all__ = ["StageCost", "CostMeter", "measure_costs", "load_costs", "cost_table"]
 
@@ -158,7 +159,7 @@ class CostMeter:
             if ids is None:
                 return
             mask = kwargs.get("attention_mask")
-            cached = _cached_length(kwargs.get("past_key_values"))
+            cached = _cached_length(kwargs.get("cache", kwargs.get("past_key_values")))  # `cache` from transformers 5.2x
             if cached:  # a decoding step: the rows still running produce one token each
                 last = ids[:, -1].cpu()
                 costs.generated_tokens += int((~torch.isin(last, stops)).sum()) if len(stops) else ids.shape[0]
@@ -173,13 +174,11 @@ class CostMeter:
         self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
     def watch_model(self, model: Any) -> None:
-        """Watch a `LoadedModel`'s bridge and its generation model (built here if needed)."""
-        from .pairs import _stop_ids
-
+        """Watch a `LoadedModel`'s bridge and the HF model of its fast engine (built here if needed)."""
         tok = model.tokenizer
-        gen = model.generation_model()
+        gen = hf_model(model)
         eos = getattr(getattr(gen, "generation_config", None), "eos_token_id", None)
-        stops = [tok.pad_token_id, *_stop_ids(model), *(eos if isinstance(eos, (list, tuple)) else [eos])]
+        stops = [tok.pad_token_id, *stop_ids(tok), *(eos if isinstance(eos, (list, tuple)) else [eos])]
         stops = [s for s in stops if s is not None]
         self.watch(model.bridge, stop_ids=stops)
         self.watch(gen, stop_ids=stops)

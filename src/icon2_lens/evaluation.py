@@ -31,6 +31,7 @@ from .activations import LastTokenReader, tokenize_texts
 from .directions import DirectionSet
 from .math.probe import probe_scores
 from .math.text import degeneration_stats, distinct_n, is_degenerate, parse_verdict
+from .gen import engine
 from .models import LoadedModel
 from .prompts import render_chat
 
@@ -178,19 +179,9 @@ class PairwiseJudge:
 
     def _prefers_first(self, qs: Sequence[str], firsts: Sequence[str], seconds: Sequence[str]) -> list[bool]:
         tok = self.model.tokenizer
-        hf = self.model.generation_model()
         texts = [render_chat(tok, self.PROMPT.format(q=q, a=a, b=b)) for q, a, b in zip(qs, firsts, seconds)]
-        out: list[bool] = []
-        for start in range(0, len(texts), self.batch_size):
-            ids = tokenize_texts(self.model, texts[start:start + self.batch_size])
-            width = max(len(x) for x in ids)
-            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.model.device)
-            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.model.device)
-            with torch.inference_mode():
-                logits = hf(input_ids=input_ids, attention_mask=mask).logits[:, -1]
-            out.extend((logits[:, self._a] > logits[:, self._b]).tolist())
-        return out
+        logits = engine(self.model).next_token_logits(texts, batch_size=self.batch_size)
+        return (logits[:, self._a] > logits[:, self._b]).tolist()
 
     def orders(self, instructions: Sequence[str], a: Sequence[str], b: Sequence[str]) -> tuple[list[bool], list[bool]]:
         """The raw verdicts: whether the judge picks the first response with ``a`` first, and with ``b`` first.

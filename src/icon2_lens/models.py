@@ -112,7 +112,8 @@ class LoadedModel:
     info: ModelInfo
     local_files_only: bool = True
     _hf_kwargs: dict[str, Any] = field(default_factory=dict, repr=False)
-    _generator: Any = field(default=None, repr=False, compare=False)
+    #: Engines of `icon2_lens.gen` made for this model (kept so each is built once; see `icon2_lens.gen.engine`).
+    engines: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_layers(self) -> int:
@@ -143,64 +144,12 @@ class LoadedModel:
         hf = AutoModelForCausalLM.from_pretrained(self.info.hf_path, local_files_only=self.local_files_only, **kwargs)
         return hf.to(device if device is not None else self.device)
 
-    def generation_model(self) -> Any:
-        """A plain HF ``AutoModelForCausalLM`` for fast sampling that shares the bridge's weights.
-
-        ``generate`` through the bridge (or through the HF model it rewrote in place) runs its wrapped
-        modules and eager attention, measured 3-4x slower on SmolLM2. This model is built on the
-        meta device from the config and given the bridge's own parameter and buffer tensors (no
-        copy, no extra weight memory), so it computes the same function with HF's fast path. It is
-        made once and kept on this object; it is for inference only (use `hf_model` to train). When
-        the bridge's module names cannot be mapped back to HF's, a separate copy is loaded instead.
-
-        Examples:
-            >>> gen = model.generation_model()  # doctest: +SKIP
-            >>> gen.generate(ids, max_new_tokens=8)  # doctest: +SKIP
-        """
-        if self._generator is None:
-            self._generator = _shared_hf_model(self.bridge.original_model, self.info.hf_path) or self.hf_model()
-            self._generator.eval()
-        return self._generator
-
     def __repr__(self) -> str:
         i = self.info
         return (
             f"LoadedModel({i.model_id!r}, kind={i.kind}, layers={i.n_layers}, d_model={i.d_model}, "
             f"fingerprint={i.fingerprint}, device={self.device})"
         )
-
-
-def _shared_hf_model(wrapped: Any, hf_path: str) -> Any | None:
-    """A fresh HF model whose parameters and buffers are the tensors of ``wrapped`` (the bridge's HF model).
-
-    The bridge inserts ``_original_component`` into module paths; stripping it gives HF's names.
-    Returns ``None`` when some tensor of the HF model has no counterpart.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    def hf_name(name: str) -> str:
-        return name.replace("._original_component", "").replace("_original_component.", "")
-
-    config = AutoConfig.from_pretrained(hf_path, local_files_only=True)
-    with torch.device("meta"):
-        fresh = AutoModelForCausalLM.from_config(config, dtype=next(wrapped.parameters()).dtype)
-    source = {hf_name(k): v for k, v in wrapped.named_parameters(remove_duplicate=False)}
-    source.update({hf_name(k): v for k, v in wrapped.named_buffers(remove_duplicate=False)})
-    for kind in ("parameters", "buffers"):
-        for name, _ in list(getattr(fresh, f"named_{kind}")(remove_duplicate=False)):
-            if name not in source:
-                return None
-            module_name, _, attr = name.rpartition(".")
-            module = fresh.get_submodule(module_name)
-            tensor = source[name]
-            if kind == "parameters":
-                module._parameters[attr] = tensor if isinstance(tensor, torch.nn.Parameter) else torch.nn.Parameter(
-                    tensor, requires_grad=False)
-            else:
-                module._buffers[attr] = tensor
-    if any(t.is_meta for t in [*fresh.parameters(), *fresh.buffers()]):
-        return None
-    return fresh
 
 
 def config_fingerprint(config: Any) -> str:

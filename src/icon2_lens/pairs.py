@@ -4,8 +4,8 @@ For each instruction, the chosen response is generated with ``gamma_pos * u_c`` 
 residual stream at the steering layers and the rejected one with ``gamma_neg * u_c``
 (``gamma_neg < gamma_pos``), where ``c`` is the instruction's assigned criterion. Both responses of
 an instruction are generated in the same batch with a per-row gamma (one pass, not two). The
-fast path is HF ``generate`` on `icon2_lens.models.LoadedModel.generation_model` with torch forward
-hooks (`icon2_lens.steering`), the default for bulk generation; ``path="bridge"`` runs the bridge.
+fast path is the HF engine of `icon2_lens.gen` (HF ``generate`` with torch forward hooks), the default for
+bulk generation; ``path="bridge"`` runs the bridge engine.
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
-import torch
 from tqdm.auto import tqdm
 
 from .directions import DirectionSet
 from .files import append_jsonl, atomic_write_text, open_run_folder, read_jsonl, read_jsonl_resumable
 from .models import LoadedModel
-from .prompts import pre_query_template, render_chat
+from .prompts import render_chat
 from .shards import SHARD_FILE, check_shard, shard_batches, shard_label, write_shard_file
-from .steering import Positions, Scale, steer, steering_vectors
+from .gen import Decoding, engine, row_seed
+from .steering import Positions, Scale, steer_spec, steering_vectors
 
 if TYPE_CHECKING:
     import datasets
@@ -38,14 +38,6 @@ DEFAULT_GAMMA_NEG = -0.02
 #: Default decoding settings of `generate_pairs`.
 DEFAULT_DECODING: dict[str, Any] = {"max_new_tokens": 128, "do_sample": False, "temperature": 1.0, "top_p": 1.0,
                                     "repetition_penalty": 1.1}
-
-
-def _stop_ids(model: LoadedModel) -> list[int]:
-    tok = model.tokenizer
-    ids = {pre_query_template(tok).end_of_turn_id} if getattr(tok, "chat_template", None) else set()
-    if tok.eos_token_id is not None:
-        ids.add(int(tok.eos_token_id))
-    return sorted(ids)
 
 
 def generate_steered(
@@ -79,58 +71,19 @@ def generate_steered(
         >>> rows = generate_steered(model, [render_chat(tok, "Hi")] * 2, directions=dirs,  # doctest: +SKIP
         ...                         criteria="helpful", gammas=[0.1, -0.05], layers=range(15, 25))
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}.")
-    if not prompts:
-        raise ValueError("No prompts to generate from.")
-    tok = model.tokenizer
-    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    width = max(len(x) for x in ids)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
-        mask[i, width - len(x):] = 1
-    device = model.device
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    stop = _stop_ids(model)
-    steering = None
+    decoding = Decoding(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                        repetition_penalty=repetition_penalty)
+    if path not in ("hf", "bridge"):
+        raise ValueError(f"Unknown path {path!r}; use 'hf' or 'bridge'.")
+    spec = None
     if directions is not None:
         if criteria is None or gammas is None:
             raise ValueError("Steering needs criteria and gammas along with directions.")
-        steering = steer(model, directions, criteria, gammas, layers=layers, scale=scale, positions=positions,
-                         path=path)
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.inference_mode():
-        torch.manual_seed(seed)
-        if steering is not None:
-            steering.__enter__()
-        try:
-            if path == "hf":
-                sample_kwargs = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
-                out = model.generation_model().generate(
-                    input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                    repetition_penalty=repetition_penalty, eos_token_id=stop, pad_token_id=pad_id, use_cache=True,
-                    **sample_kwargs)
-            elif path == "bridge":
-                out = model.bridge.generate(
-                    input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                    temperature=temperature, top_p=top_p if do_sample else None,
-                    repetition_penalty=repetition_penalty, eos_token_id=stop, stop_at_eos=True,
-                    use_past_kv_cache=True, return_type="tokens", verbose=False, prepend_bos=False)
-            else:
-                raise ValueError(f"Unknown path {path!r}; use 'hf' or 'bridge'.")
-        finally:
-            if steering is not None:
-                steering.__exit__(None, None, None)
-    rows = []
-    for seq in out[:, width:].tolist():
-        cut = next((i for i, t in enumerate(seq) if t in stop), None)
-        body = seq if cut is None else seq[:cut]
-        rows.append({"text": tok.decode(body, skip_special_tokens=True).strip(), "finished": cut is not None,
-                     "n_tokens": len(body) + (cut is not None)})
-    return rows
+        directions.check_compatible(model)
+        spec = steer_spec(directions, criteria, gammas, layers=layers, scale=scale, positions=positions)
+    if not prompts:
+        raise ValueError("No prompts to generate from.")
+    return [g.to_dict() for g in engine(model, path).generate(prompts, decoding, steer=spec, seed=seed)]
 
 
 def _table_rows(table: Any, criterion: str | None, directions: DirectionSet) -> list[dict[str, Any]]:
@@ -295,7 +248,7 @@ def generate_pairs(
             prompts = [render_chat(tok, r["instruction"]) for r in chunk]
             crits = [r["criterion"] for r in chunk]
             k = len(chunk)
-            s = int(hashlib.sha256(f"{seed}:{b}".encode()).hexdigest()[:12], 16)
+            s = row_seed(seed, b)
             gen = generate_steered(
                 model, prompts + prompts, directions=directions, criteria=crits + crits,
                 gammas=[gamma_pos] * k + [gamma_neg] * k, layers=layer_list or None, scale=scale, positions=positions,

@@ -1,18 +1,16 @@
 """Steering: add ``gamma * u`` to the residual stream at a range of layers (METHOD.md section 4).
 
-Two paths run the same hooks:
+`steering_vectors` turns a criterion and gamma (one, or one per batch row) into per-layer vectors;
+`steer` wraps them in a declarative `icon2_lens.gen.SteerSpec` and applies it, while active, on the
+engines of `icon2_lens.gen`:
 
-* ``"hf"`` (default, the fast path): torch forward hooks on the decoder layers of
-  `icon2_lens.models.LoadedModel.generation_model` (a plain HF model sharing the bridge's weights),
-  used with HF ``generate``. ``blocks.{l}.hook_resid_post`` is the output of decoder layer ``l``,
-  ``blocks.{l}.hook_resid_pre`` its input.
+* ``"hf"``: torch forward hooks on the decoder layers of the fast engine's HF model
+  (`icon2_lens.gen.hf_model`), used with HF ``generate``;
 * ``"bridge"``: TransformerLens hooks on the bridge's hook points (``blocks.{l}.hook_resid_post``),
-  for ``model.bridge(...)`` / ``model.bridge.generate(...)`` and analysis code.
+  for ``model.bridge(...)`` / ``model.bridge.generate(...)`` and analysis code;
+* ``"both"`` (default): both.
 
-Both see ``[batch, prompt, d]`` in the prefill and ``[batch, 1, d]`` at each decoding step with the
-KV cache (``[batch, prompt + k, d]`` without it). A per-hook position tracker knows which absolute
-(padded) positions a call covers, so ``positions="generated"`` steers exactly the positions after
-the prompt, including the first generated token when it is fed back, under both cache modes.
+Stages do not use `steer`: they pass a `SteerSpec` to `icon2_lens.gen.Generator.generate`.
 """
 
 from __future__ import annotations
@@ -24,17 +22,17 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .activations import _HOOK_RE
+from .activations import hook_kind
 from .directions import DirectionSet
+from .gen import PositionTracker, SteerAdder, SteerSpec, engine
+from .gen.base import Positions
 from .models import LoadedModel
 
-__all__ = ["steer", "Steering", "steering_vectors", "Scale", "Positions", "SteerPath"]
+__all__ = ["steer", "Steering", "steering_vectors", "steer_spec", "Scale", "Positions", "SteerPath"]
 
 #: ``"relative"``: gamma is a fraction of the layer's mean residual norm; ``"unit"``: gamma times the unit vector.
 Scale = Literal["relative", "unit"]
-#: ``"all"``: every position; ``"generated"``: only positions after the prompt.
-Positions = Literal["all", "generated"]
-#: Which model the hooks go on: the fast HF generation model, the bridge, or both.
+#: Which engine the hooks go on: the fast HF engine, the bridge, or both.
 SteerPath = Literal["hf", "bridge", "both"]
 
 
@@ -91,117 +89,55 @@ def steering_vectors(
     return out
 
 
-class _Tracker:
-    """Absolute (padded) positions covered by successive calls of one hook within one generation."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.next_pos = 0
-        self.prompt_len: int | None = None
-
-    def positions(self, seq_len: int) -> tuple[int, int]:
-        if self.next_pos > 0 and seq_len == 1:
-            start = self.next_pos  # a decoding step with the KV cache: one new token
-        elif self.next_pos > 0 and seq_len == self.next_pos + 1:
-            start = 0  # a decoding step without the cache: the whole sequence again, one longer
-        else:
-            start = 0  # a prefill: a new prompt
-            self.prompt_len = seq_len
-        self.next_pos = start + seq_len
-        return start, start + seq_len
-
-
 class Steering:
-    """Hooks that add steering vectors; a context manager (hooks removed on exit, also on error).
+    """A `SteerSpec` applied on one or both engines; a context manager (hooks removed on exit, also on error).
 
     Made by `steer`. ``reset()`` forgets the prompt length learnt from the last prefill (call it
     between two ``generate`` calls inside one context when ``positions="generated"`` and the new
-    prompt could be mistaken for a continuation; `icon2_lens.pairs` does so for every batch).
+    prompt could be mistaken for a continuation).
     """
 
-    def __init__(self, model: LoadedModel, vectors: dict[int, Tensor], *, hook_kind: str, positions: Positions,
-                 path: SteerPath) -> None:
-        if positions not in ("all", "generated"):
-            raise ValueError(f"Unknown positions {positions!r}; use 'all' or 'generated'.")
+    def __init__(self, model: LoadedModel, spec: SteerSpec, *, path: SteerPath) -> None:
         if path not in ("hf", "bridge", "both"):
             raise ValueError(f"Unknown path {path!r}; use 'hf', 'bridge' or 'both'.")
-        if hook_kind not in ("resid_pre", "resid_post"):
-            raise ValueError(f"Steering supports resid_pre and resid_post hooks, not {hook_kind!r}.")
-        for layer in vectors:
-            if not 0 <= layer < model.n_layers:
-                raise ValueError(f"Layer {layer} is out of range: {model.info.model_id} has layers 0..{model.n_layers - 1}.")
-        self.model, self.vectors, self.hook_kind, self.positions, self.path = model, vectors, hook_kind, positions, path
-        self._trackers: list[_Tracker] = []
+        spec.check_layers(model.n_layers, model.info.model_id)
+        self.model, self.spec, self.path = model, spec, path
+        self._adders: list[SteerAdder] = []
         self._stack: ExitStack | None = None
-        self.calls = 0  # hook calls that changed activations (for tests and diagnostics)
+        self._calls = 0
 
-    def _add(self, act: Tensor, vec: Tensor, tracker: _Tracker) -> Tensor:
-        if act.shape[0] != vec.shape[0] and vec.shape[0] != 1:
-            raise ValueError(f"Per-row steering has {vec.shape[0]} rows but the batch has {act.shape[0]}.")
-        start, end = tracker.positions(act.shape[1])
-        delta = vec.to(device=act.device, dtype=act.dtype)[:, None, :]
-        if self.positions == "all":
-            self.calls += 1
-            return act + delta
-        first = max(tracker.prompt_len or 0, start) - start  # first local index after the prompt
-        if first >= act.shape[1]:
-            return act
-        self.calls += 1
-        out = act.clone()
-        out[:, first:] += delta
-        return out
+    @property
+    def vectors(self) -> dict[int, Tensor]:
+        """Layer -> the added vectors (``[rows, d_model]``)."""
+        return dict(self.spec.vectors)
 
-    def _hf_hooks(self, stack: ExitStack) -> None:
-        layers = _decoder_layers(self.model.generation_model())
-        for layer, vec in self.vectors.items():
-            tracker = _Tracker()
-            self._trackers.append(tracker)
-            if self.hook_kind == "resid_post":
-                def post(_mod: Any, _args: Any, output: Any, vec: Tensor = vec, tracker: _Tracker = tracker) -> Any:
-                    if isinstance(output, tuple):
-                        return (self._add(output[0], vec, tracker), *output[1:])
-                    return self._add(output, vec, tracker)
+    @property
+    def positions(self) -> Positions:
+        """``"all"`` or ``"generated"``."""
+        return self.spec.positions
 
-                handle = layers[layer].register_forward_hook(post)
-            else:
-                def pre(_mod: Any, args: Any, kwargs: Any, vec: Tensor = vec, tracker: _Tracker = tracker) -> Any:
-                    if args:
-                        return (self._add(args[0], vec, tracker), *args[1:]), kwargs
-                    kwargs = dict(kwargs)
-                    kwargs["hidden_states"] = self._add(kwargs["hidden_states"], vec, tracker)
-                    return args, kwargs
+    @property
+    def calls(self) -> int:
+        """Hook calls that changed activations so far (for tests and diagnostics)."""
+        return self._calls + sum(a.calls for a in self._adders)
 
-                handle = layers[layer].register_forward_pre_hook(pre, with_kwargs=True)
-            stack.callback(handle.remove)
-
-    def _bridge_hooks(self, stack: ExitStack) -> None:
-        hooks = []
-        for layer, vec in self.vectors.items():
-            tracker = _Tracker()
-            self._trackers.append(tracker)
-
-            def fn(act: Tensor, hook: Any = None, vec: Tensor = vec, tracker: _Tracker = tracker) -> Tensor:
-                return self._add(act, vec, tracker)
-
-            hooks.append((f"blocks.{layer}.hook_{self.hook_kind}", fn))
-        stack.enter_context(self.model.bridge.hooks(fwd_hooks=hooks))
+    @property
+    def trackers(self) -> list[PositionTracker]:
+        """The position trackers of the active hooks (empty outside the context)."""
+        return [a.tracker for a in self._adders]
 
     def reset(self) -> None:
         """Forget positions seen so far (start of a new generation)."""
-        for t in self._trackers:
-            t.reset()
+        for a in self._adders:
+            a.tracker.reset()
 
     def __enter__(self) -> "Steering":
         if self._stack is not None:
             raise RuntimeError("This Steering is already active.")
         stack = ExitStack()
         try:
-            if self.path in ("hf", "both"):
-                self._hf_hooks(stack)
-            if self.path in ("bridge", "both"):
-                self._bridge_hooks(stack)
+            for kind in (("hf", "bridge") if self.path == "both" else (self.path,)):
+                self._adders += stack.enter_context(engine(self.model, kind).steering(self.spec))
         except BaseException:
             stack.close()
             raise
@@ -210,21 +146,33 @@ class Steering:
 
     def __exit__(self, *exc: Any) -> None:
         stack, self._stack = self._stack, None
-        self._trackers = []
+        self._calls += sum(a.calls for a in self._adders)
+        self._adders = []
         if stack is not None:
             stack.close()
 
 
-def _decoder_layers(hf: Any) -> Any:
-    """The list of decoder layers of an HF causal LM (``model.layers`` for Llama-like models)."""
-    base = getattr(hf, "base_model", hf)
-    for attr in ("layers", "h", "blocks"):
-        if hasattr(base, attr):
-            return getattr(base, attr)
-    decoder = getattr(base, "decoder", None)
-    if decoder is not None and hasattr(decoder, "layers"):
-        return decoder.layers
-    raise ValueError(f"Cannot find the decoder layers of {type(hf).__name__}; use path='bridge'.")
+def steer_spec(
+    directions: DirectionSet,
+    criterion: str | Sequence[str],
+    gamma: float | Sequence[float] | Float[Tensor, " batch"],
+    *,
+    layers: Sequence[int] | range | None = None,
+    scale: Scale = "relative",
+    positions: Positions = "all",
+) -> SteerSpec:
+    """The declarative `SteerSpec` for ``gamma * u_criterion`` (one, or one per row) at ``layers``.
+
+    Examples:
+        >>> spec = steer_spec(dirs, ["helpful", "helpful"], [0.07, -0.02], layers=range(15, 25))  # doctest: +SKIP
+        >>> spec.rows  # doctest: +SKIP
+        2
+    """
+    kind = hook_kind(directions.hook)
+    if kind not in ("resid_pre", "resid_post"):
+        raise ValueError(f"Steering supports resid_pre and resid_post hooks, not {kind!r}.")
+    vecs = steering_vectors(directions, criterion, gamma, layers=layers, scale=scale)
+    return SteerSpec(vecs, hook=kind, positions=positions)  # type: ignore[arg-type]
 
 
 def steer(
@@ -257,9 +205,8 @@ def steer(
 
     Examples:
         >>> with il.steer(model, dirs, "helpful", 0.07, layers=range(15, 25)):  # doctest: +SKIP
-        ...     out = model.generation_model().generate(ids, max_new_tokens=40)
+        ...     out = il.gen.hf_model(model).generate(ids, max_new_tokens=40)
     """
     directions.check_compatible(model)
-    vecs = steering_vectors(directions, criterion, gamma, layers=layers, scale=scale)
-    m = _HOOK_RE.match(directions.hook)
-    return Steering(model, vecs, hook_kind=m.group("kind") if m else directions.hook, positions=positions, path=path)
+    return Steering(model, steer_spec(directions, criterion, gamma, layers=layers, scale=scale, positions=positions),
+                    path=path)

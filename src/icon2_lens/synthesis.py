@@ -19,10 +19,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-import torch
 from tqdm.auto import tqdm
 
 from .files import append_jsonl, atomic_write_text, open_run_folder, read_jsonl_resumable
+from .gen import Decoding, engine, row_seed
 from .math.text import jaccard, normalize_text, shingles
 from .models import LoadedModel
 from .prompts import PreQuery, pre_query_template
@@ -157,14 +157,10 @@ def clean_generations(
     return kept, dropped
 
 
-def _batch_seed(seed: int, batch: int) -> int:
-    return int(hashlib.sha256(f"{seed}:{batch}".encode()).hexdigest()[:12], 16)
-
-
 def _generate_batch(
     model: LoadedModel,
     pq: PreQuery,
-    prefix_ids: list[int],
+    prefix: str,
     size: int,
     *,
     temperature: float,
@@ -172,37 +168,13 @@ def _generate_batch(
     max_new_tokens: int,
     seed: int,
 ) -> list[dict[str, Any]]:
-    """Sample ``size`` user turns after the same prefix (no padding needed); RNG state is restored."""
+    """Sample ``size`` user turns after the same prefix (no padding needed) on the HF engine; RNG state is restored."""
     tok = model.tokenizer
-    hf = model.generation_model()
-    device = model.device
-    input_ids = torch.tensor([prefix_ids] * size, dtype=torch.long, device=device)
     stop = sorted({pq.end_of_turn_id} | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else stop[0]
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.inference_mode():
-        torch.manual_seed(seed)
-        out = hf.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            do_sample=True,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=0,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=stop,
-            pad_token_id=pad_id,
-        )
-    rows = []
-    for seq in out[:, len(prefix_ids):].tolist():
-        cut = next((i for i, t in enumerate(seq) if t in stop), None)
-        body = seq if cut is None else seq[:cut]
-        rows.append({
-            "raw": tok.decode(body, skip_special_tokens=False),
-            "finished": cut is not None,
-            "n_tokens": len(body) + (cut is not None),
-        })
-    return rows
+    decoding = Decoding(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p)
+    gens = engine(model).generate([prefix] * size, decoding, seed=seed, stop=stop)
+    return [{"raw": tok.decode(g.token_ids, skip_special_tokens=False), "finished": g.finished,
+             "n_tokens": g.n_tokens} for g in gens]
 
 
 def synthesize_instructions(
@@ -226,7 +198,7 @@ def synthesize_instructions(
 
     Args:
         model: from `icon2_lens.load_model`; sampling runs HF ``generate`` on
-            `LoadedModel.generation_model` (the bridge's weights, HF's fast path; nothing hooked).
+            the HF engine of `icon2_lens.gen` (the bridge's weights, HF's fast path; nothing hooked).
         n: number of generations (the kept count is smaller; see the report).
         temperature: sampling temperature (Magpie: 1.0).
         top_p: nucleus sampling mass (Magpie: 0.99); ``top_k`` is off.
@@ -273,7 +245,6 @@ def synthesize_instructions(
     clean_generations([], **clean_kwargs)  # validate the clean-up options before the slow part
     shard = check_shard(shard)
     pq = pre_query_template(model.tokenizer, system_prompt=system_prompt)
-    prefix_ids = model.tokenizer(pq.prefix, add_special_tokens=False)["input_ids"]
     settings = {
         "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
         "seed": seed, "system_prompt": system_prompt, "prefix": pq.prefix, "model": model.info.model_id,
@@ -297,8 +268,8 @@ def synthesize_instructions(
               desc="synthesizing", unit="instr", disable=not progress) as bar:
         for b in todo:
             t0 = time.perf_counter()
-            s = _batch_seed(seed, b)
-            new = _generate_batch(model, pq, prefix_ids, batch_size, temperature=temperature, top_p=top_p,
+            s = row_seed(seed, b)
+            new = _generate_batch(model, pq, pq.prefix, batch_size, temperature=temperature, top_p=top_p,
                                   max_new_tokens=max_new_tokens, seed=s)
             secs = (time.perf_counter() - t0) / len(new)
             for i, r in enumerate(new):
