@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import icon2_lens as il
-from icon2_lens.costs import StageCost, cost_table, load_costs, measure_costs
+from icon2_lens.runs.costs import StageCost, cost_table, load_costs, measure_costs
 from icon2_lens.pairs import generate_steered
 
 from conftest import PROMPTS

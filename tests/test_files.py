@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from icon2_lens import files
-from icon2_lens.files import atomic_folder, atomic_write_text, check_output_folder
+from icon2_lens.runs import io as files
+from icon2_lens.runs.io import atomic_folder, atomic_write_text, check_output_folder
 
 
 def test_atomic_write_text(tmp_path):

@@ -10,7 +10,7 @@ import yaml
 
 import icon2_lens.pairs
 from icon2_lens.cli import main
-from icon2_lens.pipeline import STAGES, RunConfig, load_config, run_pipeline, stage_keys
+from icon2_lens.pipeline.run import STAGES, RunConfig, load_config, run_pipeline, stage_keys
 
 from conftest import INSTRUCTIONS
 
@@ -138,7 +138,7 @@ def test_interrupted_generation_resumes_without_losing_or_duplicating_rows(talke
     cfg = _config(talker_dir, instructions_file, score={"top_k": 6}, generate={"batch_size": 1})
     reference = run_pipeline(cfg, out=tmp_path / "ref", stop_after="generate", progress=False, log=None)
     assert reference.ran[-1] == "generate"
-    real_append = icon2_lens.pairs.append_jsonl
+    real_append = icon2_lens.runs.batches.append_jsonl
     calls = []
 
     def failing_append(path, rows):
@@ -147,11 +147,11 @@ def test_interrupted_generation_resumes_without_losing_or_duplicating_rows(talke
             raise KeyboardInterrupt  # killed after two batches were written
         real_append(path, rows)
 
-    monkeypatch.setattr(icon2_lens.pairs, "append_jsonl", failing_append)
+    monkeypatch.setattr(icon2_lens.runs.batches, "append_jsonl", failing_append)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(cfg, out=out, stop_after="generate", progress=False, log=None)
-    monkeypatch.setattr(icon2_lens.pairs, "append_jsonl", real_append)
+    monkeypatch.setattr(icon2_lens.runs.batches, "append_jsonl", real_append)
     pairs_path = out / "generate" / "pairs.jsonl"
     assert len(pairs_path.read_text().splitlines()) == 2
     assert json.loads((out / "manifest.json").read_text())["stages"]["generate"]["status"] == "running"

@@ -10,7 +10,7 @@ import torch
 import icon2_lens as il
 from icon2_lens import pairs as pairs_mod
 from icon2_lens.cli import main
-from icon2_lens.shards import check_shard, parse_shard, shard_batches, shard_device
+from icon2_lens.runs.shards import check_shard, parse_shard, shard_batches, shard_device
 from icon2_lens.synthesis import synthesis_report
 
 from conftest import INSTRUCTIONS

@@ -22,14 +22,14 @@ from .directions import DirectionSet, directions_from_activations, extract_direc
 from .instructions import builtin_instructions, load_instructions
 from .layers import LayerReport, layer_report, split_half_stability, suggest_layer_range
 from .models import LoadedModel, ModelInfo, load_model
-from .costs import StageCost, cost_table, load_costs, measure_costs
+from .runs.costs import StageCost, cost_table, load_costs, measure_costs
 from .calibration import CalibrationResult, calibrate_gamma, load_gammas
 from .evaluation import PairwiseJudge, ProbeScorer, RewardModelScorer, evaluate, pair_report
 from .pairs import generate_pairs, generate_steered
 from .pipeline import PipelineResult, RunConfig, load_config, run_pipeline
 from .prompts import pre_query_template, render_chat
 from .scoring import consistency_histogram, save_scores, score_instructions, select_instructions
-from .shards import merge_shards
+from .pipeline.merge import merge_shards
 from .steering import Steering, steer
 from .synthesis import synthesis_report, synthesize_instructions
 from .training import TrainResult, train_dpo

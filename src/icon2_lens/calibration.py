@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .directions import DirectionSet
 from .evaluation import ProbeScorer, Scorer, _is_pairwise
-from .files import atomic_write_text
+from .runs.io import atomic_write_text
 from .math.gamma import check_win_threshold, choose_gammas, gamma_grid
 from .math.text import distinct_n, is_degenerate
 from .models import LoadedModel

@@ -230,7 +230,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> list[Path]:
 
     from .directions import DirectionSet
     from .evaluation import PairwiseJudge, evaluate
-    from .files import check_output_folder
+    from .runs.io import check_output_folder
     from .instructions import load_instructions
     from .models import load_model
 
@@ -332,7 +332,7 @@ def _cmd_generate(args: argparse.Namespace) -> list[Path]:
         print(f"shard {shard[0]}/{shard[1]}: {len(pairs)} pairs")
         return [args.out / "pairs.jsonl", args.out / "generation.json", args.out / "shard.json"]
     from .evaluation import ProbeScorer, pair_report
-    from .files import atomic_write_text
+    from .runs.io import atomic_write_text
 
     report = pair_report(pairs, scorer=ProbeScorer(model, dirs, layers=layers))
     atomic_write_text(args.out / "report.json", json.dumps(report, indent=2))
@@ -343,7 +343,7 @@ def _cmd_generate(args: argparse.Namespace) -> list[Path]:
 def _cmd_calibrate(args: argparse.Namespace) -> list[Path]:
     from .calibration import calibrate_gamma
     from .directions import DirectionSet
-    from .files import check_output_folder
+    from .runs.io import check_output_folder
     from .pairs import _table_rows
 
     check_output_folder(args.out, overwrite=args.overwrite)
@@ -419,7 +419,7 @@ def _cmd_score(args: argparse.Namespace) -> list[Path]:
     import json
 
     from .directions import DirectionSet
-    from .files import check_output_folder
+    from .runs.io import check_output_folder
     from .instructions import load_instructions
     from .scoring import save_scores, score_instructions
 
@@ -450,7 +450,7 @@ def _cmd_score(args: argparse.Namespace) -> list[Path]:
 def _cmd_merge(args: argparse.Namespace) -> list[Path]:
     import json
 
-    from .shards import merge_shards
+    from .pipeline.merge import merge_shards
 
     ds = merge_shards(args.stage, args.shards, out=args.out, overwrite=args.overwrite, top_fraction=args.top_fraction,
                       top_k=args.top_k, threshold=args.threshold, balance_criteria=args.balance_criteria)
@@ -476,7 +476,7 @@ def _add_shard_arg(p: argparse.ArgumentParser) -> None:
 
 def _shard_from_args(args: argparse.Namespace) -> tuple[int, int] | None:
     """Resolve --shard; put the shard index into --out's '{shard}' and pick cuda:LOCAL_RANK under a launcher."""
-    from .shards import parse_shard, shard_device
+    from .runs.shards import parse_shard, shard_device
 
     if args.shard is None:
         if "{shard}" in str(args.out):
@@ -491,7 +491,7 @@ def _shard_from_args(args: argparse.Namespace) -> tuple[int, int] | None:
 
 def _cmd_extract(args: argparse.Namespace) -> list[Path]:
     from .directions import extract_directions
-    from .files import check_output_folder
+    from .runs.io import check_output_folder
     from .instructions import load_instructions
 
     check_output_folder(args.out, overwrite=args.overwrite)  # fail before the slow part

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .activations import HookKind, LastTokenReader, tokenize_texts
 from .criteria import Criterion, resolve_criteria
-from .files import atomic_folder, atomic_write_text
+from .runs.io import atomic_folder, atomic_write_text
 from .instructions import load_instructions
 from .math.contrast import (
     STAT_NAMES,  # noqa: F401 (re-exported: icon2_lens.directions.STAT_NAMES)

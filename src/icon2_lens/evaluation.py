@@ -331,7 +331,7 @@ def evaluate(
     import json as _json
     import warnings
 
-    from .files import atomic_folder, check_output_folder
+    from .runs.io import atomic_folder, check_output_folder
 
     instructions = list(instructions)
     if not instructions:

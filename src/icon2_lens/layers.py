@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 from .activations import read_last_token
 from .criteria import Criterion
 from .directions import DirectionSet, accumulate_contrasts, instruction_hash
-from .files import atomic_write_text
+from .runs.io import atomic_write_text
 from .instructions import builtin_instructions, load_instructions
 from .math.contrast import Method, cosine_per_layer, finish_directions, split_halves
 from .math.layerstats import separation, steering_score, suggest_layer_range

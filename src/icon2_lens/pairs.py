@@ -13,18 +13,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
-from tqdm.auto import tqdm
-
 from .directions import DirectionSet
-from .files import append_jsonl, atomic_write_text, open_run_folder, read_jsonl, read_jsonl_resumable
+from .gen import Decoding, engine
 from .models import LoadedModel
 from .prompts import render_chat
-from .shards import SHARD_FILE, check_shard, shard_batches, shard_label, write_shard_file
-from .gen import Decoding, engine, row_seed
+from .runs import names
+from .runs.batches import BatchJob, run_batches
+from .runs.io import read_jsonl
+from .runs.shards import check_shard
 from .steering import Positions, Scale, steer_spec, steering_vectors
 
 if TYPE_CHECKING:
@@ -89,9 +88,9 @@ def generate_steered(
 def _table_rows(table: Any, criterion: str | None, directions: DirectionSet) -> list[dict[str, Any]]:
     if isinstance(table, (str, os.PathLike)):
         p = Path(table)
-        path = p / "selected.jsonl" if p.is_dir() else p
+        path = p / names.SELECTED if p.is_dir() else p
         if not path.is_file():
-            if p.is_dir() and (p / SHARD_FILE).is_file():
+            if p.is_dir() and (p / names.SHARD).is_file():
                 raise FileNotFoundError(f"{p} is one shard of a sharded `score` run (no selection yet); merge the "
                                         "shards first: icon2-lens merge score --out DIR SHARD_DIR ...")
             raise FileNotFoundError(f"{path} does not exist; pass a `score` output folder or its selected.jsonl.")
@@ -114,26 +113,6 @@ def _table_rows(table: Any, criterion: str | None, directions: DirectionSet) -> 
             raise ValueError(f"Criterion {c!r} is not in the directions (which have {directions.criteria}).")
         r["criterion"] = c
     return rows
-
-
-def _complete_batches(path: Path, rows: list[dict[str, Any]], batch_size: int,
-                      batches: Sequence[int]) -> list[dict[str, Any]]:
-    """The rows of the complete batches (of ``batches``, in order) already in ``path``; a torn or partial
-    last batch is cut off the file."""
-    done = read_jsonl_resumable(path)
-    keep = 0
-    for b in batches:
-        size = len(rows[b * batch_size:(b + 1) * batch_size])
-        part = done[keep:keep + size]
-        if len(part) < size:
-            break
-        if [r.get("index") for r in part] != list(range(b * batch_size, b * batch_size + size)) or any(
-                r.get("instruction") != rows[r["index"]]["instruction"] for r in part):
-            raise ValueError(f"{path} does not match this table (another table was used); choose another folder.")
-        keep += size
-    if keep < len(done):
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in done[:keep]))
-    return done[:keep]
 
 
 def generate_pairs(
@@ -221,63 +200,43 @@ def generate_pairs(
                 "temperature": temperature, "top_p": top_p, "repetition_penalty": repetition_penalty, "seed": seed,
                 "path": path, "batch_size": batch_size, "model": model.info.model_id,
                 "fingerprint": model.info.fingerprint}
-    if shard is not None:
-        settings["shard"] = shard_label(shard)
-    batches = shard_batches(-(-len(rows) // batch_size), shard)
-    done: list[dict[str, Any]] = []
-    pairs_path = None
-    if out is not None:
-        pairs_path = open_run_folder(out, settings, settings_name="generation.json", data_name="pairs.jsonl",
-                                     what="generation")
-        if shard is not None:
-            (Path(out) / SHARD_FILE).unlink(missing_ok=True)  # written again when this run is finished
-        done = _complete_batches(pairs_path, rows, batch_size, batches)
     tok = model.tokenizer
-    sizes = [len(rows[b * batch_size:(b + 1) * batch_size]) for b in batches]
-    n_done, seen = 0, 0
-    while n_done < len(batches) and seen < len(done):  # the complete batches already in `done`
-        seen += sizes[n_done]
-        n_done += 1
-    todo = batches[n_done:]
-    n_rows = sum(sizes)
-    resumed = len(done)
-    t0 = time.perf_counter()
-    with tqdm(total=n_rows, initial=len(done), desc="generating pairs", unit="pair", disable=not progress) as bar:
-        for b in todo:
-            chunk = rows[b * batch_size:(b + 1) * batch_size]
-            prompts = [render_chat(tok, r["instruction"]) for r in chunk]
-            crits = [r["criterion"] for r in chunk]
-            k = len(chunk)
-            s = row_seed(seed, b)
-            gen = generate_steered(
-                model, prompts + prompts, directions=directions, criteria=crits + crits,
-                gammas=[gamma_pos] * k + [gamma_neg] * k, layers=layer_list or None, scale=scale, positions=positions,
-                max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
-                repetition_penalty=repetition_penalty, seed=s, path=path)
-            new = []
-            for i, r in enumerate(chunk):
-                c, rj = gen[i], gen[k + i]
-                new.append({
-                    "prompt": [{"role": "user", "content": r["instruction"]}],
-                    "chosen": [{"role": "assistant", "content": c["text"]}],
-                    "rejected": [{"role": "assistant", "content": rj["text"]}],
-                    "instruction": r["instruction"], "criterion": r["criterion"],
-                    "consistency": float(r["consistency"]) if r.get("consistency") is not None else None,
-                    "gamma_pos": gamma_pos, "gamma_neg": gamma_neg, "layers": layer_list, "scale": scale,
-                    "positions": positions, "max_new_tokens": max_new_tokens, "do_sample": do_sample,
-                    "temperature": temperature, "top_p": top_p, "repetition_penalty": repetition_penalty, "seed": s,
-                    "chosen_finished": c["finished"], "rejected_finished": rj["finished"],
-                    "chosen_tokens": c["n_tokens"], "rejected_tokens": rj["n_tokens"],
-                    "index": b * batch_size + i, "batch": b,
-                })
-            if pairs_path is not None:
-                append_jsonl(pairs_path, new)
-            done.extend(new)
-            bar.update(k)
-            bar.set_postfix(pairs_per_s=f"{(len(done) - resumed) / (time.perf_counter() - t0):.2f}")
-    if shard is not None and out is not None:
-        digest = hashlib.sha256(json.dumps([[r["instruction"], r["criterion"], r.get("consistency")]
-                                            for r in rows], default=str).encode()).hexdigest()
-        write_shard_file(out, stage="generate", shard=shard, total=len(rows), rows=len(done),
-                         settings={"table_sha256": digest})
+
+    def make(b: int, covers: range, s: int) -> list[dict[str, Any]]:
+        chunk = [rows[i] for i in covers]
+        prompts = [render_chat(tok, r["instruction"]) for r in chunk]
+        crits = [r["criterion"] for r in chunk]
+        k = len(chunk)
+        gen = generate_steered(
+            model, prompts + prompts, directions=directions, criteria=crits + crits,
+            gammas=[gamma_pos] * k + [gamma_neg] * k, layers=layer_list or None, scale=scale, positions=positions,
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+            repetition_penalty=repetition_penalty, seed=s, path=path)
+        new = []
+        for i, r in enumerate(chunk):
+            c, rj = gen[i], gen[k + i]
+            new.append({
+                "prompt": [{"role": "user", "content": r["instruction"]}],
+                "chosen": [{"role": "assistant", "content": c["text"]}],
+                "rejected": [{"role": "assistant", "content": rj["text"]}],
+                "instruction": r["instruction"], "criterion": r["criterion"],
+                "consistency": float(r["consistency"]) if r.get("consistency") is not None else None,
+                "gamma_pos": gamma_pos, "gamma_neg": gamma_neg, "layers": layer_list, "scale": scale,
+                "positions": positions, "max_new_tokens": max_new_tokens, "do_sample": do_sample,
+                "temperature": temperature, "top_p": top_p, "repetition_penalty": repetition_penalty, "seed": s,
+                "chosen_finished": c["finished"], "rejected_finished": rj["finished"],
+                "chosen_tokens": c["n_tokens"], "rejected_tokens": rj["n_tokens"],
+            })
+        return new
+
+    def check(row: dict[str, Any], index: int) -> None:
+        if row.get("instruction") != rows[index]["instruction"]:
+            raise ValueError(f"{out} holds pairs of another table (another table was used at row {index}); choose "
+                             "another folder.")
+
+    digest = hashlib.sha256(json.dumps([[r["instruction"], r["criterion"], r.get("consistency")]
+                                        for r in rows], default=str).encode()).hexdigest()
+    job = BatchJob(stage="generate", n_rows=len(rows), batch_size=batch_size, seed=seed, make=make, check=check,
+                   desc="generating pairs", unit="pair", shard_settings={"table_sha256": digest})
+    done = run_batches(job, out=out, settings=settings, shard=shard, progress=progress)
     return Dataset.from_list(done)

@@ -35,7 +35,7 @@ from .math.probe import assign_criteria, consistency_scores, probe_scores, proje
 from .math.selection import DEFAULT_TOP_FRACTION, select_indices
 from .models import LoadedModel
 from .prompts import Render, scoring_texts
-from .shards import check_shard, parse_shard, shard_label, write_shard_file
+from .runs.shards import check_shard, parse_shard, shard_label, write_shard_file
 
 if TYPE_CHECKING:
     import datasets
@@ -214,7 +214,7 @@ def save_scores(
     Examples:
         >>> il.save_scores(table, "runs/scored", top_fraction=0.1)  # doctest: +SKIP
     """
-    from .files import atomic_folder, check_output_folder
+    from .runs.io import atomic_folder, check_output_folder
 
     check_output_folder(out, overwrite=overwrite)
     settings = json.loads(table.info.description or "{}")

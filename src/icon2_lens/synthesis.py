@@ -21,17 +21,18 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from tqdm.auto import tqdm
 
-from .files import append_jsonl, atomic_write_text, open_run_folder, read_jsonl_resumable
-from .gen import Decoding, engine, row_seed
+from .gen import Decoding, engine
 from .math.text import jaccard, normalize_text, shingles
 from .models import LoadedModel
 from .prompts import PreQuery, pre_query_template
-from .shards import check_shard, shard_batches, shard_label, write_shard_file
+from .runs import names
+from .runs.batches import BatchJob, run_batches
+from .runs.io import atomic_write_text
 
 if TYPE_CHECKING:
     import datasets
 
-__all__ = ["synthesize_instructions", "clean_generations", "synthesis_report", "DROP_REASONS", "normalize_text"]
+__all__ = ["synthesize_instructions", "clean_generations", "finish_synthesis", "synthesis_report", "DROP_REASONS", "normalize_text"]
 
 #: Why a generation is dropped, in the order the rules are applied.
 DROP_REASONS = (
@@ -243,56 +244,37 @@ def synthesize_instructions(
         raise ValueError(f"Need temperature > 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}.")
     clean_kwargs = dict(min_words=min_words, max_words=max_words, near_duplicate_threshold=near_duplicate_threshold)
     clean_generations([], **clean_kwargs)  # validate the clean-up options before the slow part
-    shard = check_shard(shard)
     pq = pre_query_template(model.tokenizer, system_prompt=system_prompt)
     settings = {
         "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
         "seed": seed, "system_prompt": system_prompt, "prefix": pq.prefix, "model": model.info.model_id,
         "fingerprint": model.info.fingerprint,
     }
-    if shard is not None:
-        settings["shard"] = shard_label(shard)
-    raw_path = None
-    rows: list[dict[str, Any]] = []
-    if out is not None:
-        raw_path = open_run_folder(out, settings, settings_name="synthesis.json", data_name="raw.jsonl",
-                                   what="synthesis")
-        rows = read_jsonl_resumable(raw_path, unit=batch_size)
-        if shard is not None:
-            (Path(out) / "shard.json").unlink(missing_ok=True)  # written again when this run is finished
-    batches = shard_batches(-(-n // batch_size), shard)
-    size = {b: min(batch_size, n - b * batch_size) for b in batches}
-    todo = batches[len(rows) // batch_size:]
-    start = time.perf_counter()
-    with tqdm(total=sum(size.values()), initial=sum(size.values()) - sum(size[b] for b in todo),
-              desc="synthesizing", unit="instr", disable=not progress) as bar:
-        for b in todo:
-            t0 = time.perf_counter()
-            s = row_seed(seed, b)
-            new = _generate_batch(model, pq, pq.prefix, batch_size, temperature=temperature, top_p=top_p,
-                                  max_new_tokens=max_new_tokens, seed=s)
-            secs = (time.perf_counter() - t0) / len(new)
-            for i, r in enumerate(new):
-                r.update(index=b * batch_size + i, batch=b, seed=s, seconds=secs)
-            if raw_path is not None:
-                append_jsonl(raw_path, new)
-            rows.extend(new)
-            bar.update(size[b])
     special = [t for t in model.tokenizer.all_special_tokens if t]
+
+    def make(b: int, covers: range, s: int) -> list[dict[str, Any]]:
+        t0 = time.perf_counter()
+        new = _generate_batch(model, pq, pq.prefix, len(covers), temperature=temperature, top_p=top_p,
+                              max_new_tokens=max_new_tokens, seed=s)
+        secs = (time.perf_counter() - t0) / len(new)
+        return [{**r, "seconds": secs} for r in new]
+
+    job = BatchJob(stage="synthesize", n_rows=n, batch_size=batch_size, seed=seed, make=make, whole_batches=True,
+                   desc="synthesizing", unit="instr",
+                   shard_settings={"cleanup": clean_kwargs, "special_tokens": special})
+    start = time.perf_counter()
+    rows = run_batches(job, out=out, settings=settings, shard=shard, progress=progress)
     if shard is not None:
-        if out is not None:
-            write_shard_file(out, stage="synthesize", shard=shard, total=n, rows=len(rows),
-                             settings={"cleanup": clean_kwargs, "special_tokens": special})
         out = None  # clean-up and de-duplication over all shards are the merge's job
-    return _finish_synthesis(rows, settings, n=n, folder=out, special_tokens=special,
-                             wall=time.perf_counter() - start, **clean_kwargs)
+    return finish_synthesis(rows, settings, n=n, folder=out, special_tokens=special,
+                            wall=time.perf_counter() - start, **clean_kwargs)
 
 
-def _finish_synthesis(rows: list[dict[str, Any]], settings: dict[str, Any], *, n: int,
+def finish_synthesis(rows: list[dict[str, Any]], settings: dict[str, Any], *, n: int,
                       folder: str | os.PathLike[str] | None, special_tokens: Sequence[str], wall: float,
                       min_words: int, max_words: int, near_duplicate_threshold: float) -> "datasets.Dataset":
     """Clean up the raw rows with ``index < n`` (in index order) into the kept dataset; with a folder, write
-    ``instructions.jsonl``, ``dropped.jsonl`` and ``report.json`` (shared by the run and `merge_shards`)."""
+    ``instructions.jsonl``, ``dropped.jsonl`` and ``report.json`` (shared by the run and the shard merge)."""
     from datasets import Dataset, DatasetInfo
 
     rows = [r for r in rows if r["index"] < n]
@@ -306,11 +288,11 @@ def _finish_synthesis(rows: list[dict[str, Any]], settings: dict[str, Any], *, n
     ds = Dataset.from_dict(table, info=DatasetInfo(description=json.dumps(report)))
     if folder is not None:
         folder = Path(folder)
-        atomic_write_text(folder / "instructions.jsonl", "".join(json.dumps(r) + "\n" for r in ds))
+        atomic_write_text(folder / names.INSTRUCTIONS, "".join(json.dumps(r) + "\n" for r in ds))
         drop_cols = [*cols, "drop_reason", "duplicate_of", "finished"]
-        atomic_write_text(folder / "dropped.jsonl", "".join(
+        atomic_write_text(folder / names.DROPPED, "".join(
             json.dumps({c: r.get(c) for c in drop_cols}) + "\n" for r in dropped))
-        atomic_write_text(folder / "report.json", json.dumps(report, indent=2))
+        atomic_write_text(folder / names.SYNTHESIS_REPORT, json.dumps(report, indent=2))
     return ds
 
 

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal
 
-from .files import atomic_folder, atomic_write_text
+from .runs.io import atomic_folder, atomic_write_text
 
 if TYPE_CHECKING:
     import datasets
 
-    from .costs import CostMeter
+    from .runs.costs import CostMeter
     import matplotlib.figure
 
 __all__ = ["train_dpo", "TrainResult", "PRESETS", "load_train_log", "train_curve"]
@@ -155,7 +155,7 @@ def train_dpo(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .files import check_output_folder
+    from .runs.io import check_output_folder
     from .models import _resolve_source
 
     if preset not in PRESETS:

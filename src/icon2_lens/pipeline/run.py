@@ -36,8 +36,8 @@ from typing import Any, Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from .costs import StageCost, cost_table, load_costs, measure_costs
-from .files import atomic_write_text, read_jsonl
+from ..runs.costs import StageCost, cost_table, load_costs, measure_costs
+from ..runs.io import atomic_write_text, read_jsonl
 
 __all__ = ["RunConfig", "load_config", "run_pipeline", "PipelineResult", "STAGES", "stage_keys"]
 
@@ -438,7 +438,7 @@ class _Context:
         if self._model is None:
             import torch
 
-            from .models import load_model
+            from ..models import load_model
 
             self._model = load_model(self.cfg.model, device=self.cfg.device, dtype=getattr(torch, self.cfg.dtype))
         return self._model
@@ -449,7 +449,7 @@ class _Context:
         return [self.model]
 
     def directions(self) -> Any:
-        from .directions import DirectionSet
+        from ..directions import DirectionSet
 
         return DirectionSet.load(self.out / "layers" / "directions")
 
@@ -458,8 +458,8 @@ class _Context:
 
 
 def _extract(ctx: _Context, folder: Path, meter: Any) -> tuple[int, list[Path]]:
-    from .directions import extract_directions
-    from .instructions import load_instructions
+    from ..directions import extract_directions
+    from ..instructions import load_instructions
 
     c = ctx.cfg.extract
     dirs = extract_directions(ctx.model, c.criteria, load_instructions(c.instructions, limit=c.n_instructions),
@@ -470,8 +470,8 @@ def _extract(ctx: _Context, folder: Path, meter: Any) -> tuple[int, list[Path]]:
 
 
 def _layers(ctx: _Context, folder: Path, meter: Any) -> tuple[int, list[Path]]:
-    from .directions import DirectionSet
-    from .layers import layer_report
+    from ..directions import DirectionSet
+    from ..layers import layer_report
 
     c = ctx.cfg.layers
     dirs = DirectionSet.load(ctx.out / "extract" / "directions", model=ctx.model)
@@ -483,11 +483,11 @@ def _layers(ctx: _Context, folder: Path, meter: Any) -> tuple[int, list[Path]]:
 
 
 def _synthesize(ctx: _Context, folder: Path, meter: Any) -> tuple[int, list[Path]]:
-    from .synthesis import synthesize_instructions
+    from ..synthesis import synthesize_instructions
 
     c = ctx.cfg.synthesize
     if c.source is not None:
-        from .instructions import load_instructions
+        from ..instructions import load_instructions
 
         rows = load_instructions(c.source)
         atomic_write_text(folder / "instructions.jsonl", "".join(json.dumps({"instruction": q}) + "\n" for q in rows))
@@ -501,7 +501,7 @@ def _synthesize(ctx: _Context, folder: Path, meter: Any) -> tuple[int, list[Path
 
 
 def _score(ctx: _Context, folder: Path, meter: Any) -> tuple[int, list[Path]]:
-    from .scoring import save_scores, score_instructions
+    from ..scoring import save_scores, score_instructions
 
     c = ctx.cfg.score
     table = score_instructions(ctx.model, ctx.directions(), ctx.out / "synthesize", layers=c.layers,  # type: ignore[arg-type]
@@ -513,14 +513,14 @@ def _score(ctx: _Context, folder: Path, meter: Any) -> tuple[int, list[Path]]:
 
 
 def _steering_layers(ctx: _Context, dirs: Any) -> list[int]:
-    from .scoring import scoring_layers
+    from ..scoring import scoring_layers
 
     return scoring_layers(dirs, ctx.cfg.generate.layers)
 
 
 def _generate(ctx: _Context, folder: Path, meter: Any) -> tuple[int, list[Path]]:
-    from .evaluation import ProbeScorer, pair_report
-    from .pairs import generate_pairs
+    from ..evaluation import ProbeScorer, pair_report
+    from ..pairs import generate_pairs
 
     c = ctx.cfg.generate
     dirs = ctx.directions()
@@ -536,7 +536,7 @@ def _generate(ctx: _Context, folder: Path, meter: Any) -> tuple[int, list[Path]]
 
 
 def _train(ctx: _Context, folder: Path, meter: Any) -> tuple[int, list[Path]]:
-    from .training import train_dpo
+    from ..training import train_dpo
 
     c = ctx.cfg.train
     res = train_dpo(ctx.out / "generate", model_source=ctx.cfg.model, output_dir=folder / "trained_model", preset=c.preset,
@@ -550,9 +550,9 @@ def _train(ctx: _Context, folder: Path, meter: Any) -> tuple[int, list[Path]]:
 def _evaluate(ctx: _Context, folder: Path, meter: Any) -> tuple[int, list[Path]]:
     import torch
 
-    from .evaluation import PairwiseJudge, evaluate
-    from .instructions import load_instructions
-    from .models import load_model
+    from ..evaluation import PairwiseJudge, evaluate
+    from ..instructions import load_instructions
+    from ..models import load_model
 
     c = ctx.cfg.evaluate
     dirs = ctx.directions()
@@ -605,7 +605,7 @@ def _report(cfg: RunConfig, out: Path, result: PipelineResult, order: list[str])
                       f"{g['rejected']['degenerate_share']:.2f}.", ""]
     curve = out / "train" / "trained_model" / "train_curve.png"
     if curve.is_file():
-        from .training import load_train_log
+        from ..training import load_train_log
 
         hist = load_train_log(out / "train" / "trained_model")
         if hist:

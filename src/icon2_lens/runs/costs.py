@@ -35,8 +35,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from .files import atomic_write_text
-from .gen import hf_model, stop_ids
+from ..gen import hf_model, stop_ids
+from .io import atomic_write_text
 
 __all__ = ["StageCost", "CostMeter", "measure_costs", "load_costs", "cost_table"]
 

@@ -1,9 +1,9 @@
-"""Data-parallel shards of the row-parallel stages (synthesize, score, generate) and their merge.
+"""Data-parallel shards of the row-parallel stages (synthesize, score, generate), and reading them back.
 
 A stage cut into ``n`` shards forms its batches exactly as the unsharded run does (same batch size,
 row order and per-batch seed); shard ``i`` runs only the batches ``b`` with ``b % n == i``. Rows keep
-their global ``index``, so `merge_shards` puts them back in order and its output is identical to the
-unsharded run's. A finished shard folder holds a ``shard.json`` (written last) beside the stage's
+their global ``index``, so `read_shards` puts them back in order and the merge
+(`icon2_lens.pipeline.merge_shards`, which runs each stage's global step) equals the unsharded run. A finished shard folder holds a ``shard.json`` (written last) beside the stage's
 usual files.
 
     icon2-lens generate ... --shard 0/2 --out runs/pairs_0   # one process (or GPU, or machine) each
@@ -16,23 +16,18 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-from .files import atomic_folder, atomic_write_text, check_output_folder, read_jsonl
+from . import names
+from .io import atomic_write_text, read_jsonl
 
-if TYPE_CHECKING:
-    import datasets
-
-__all__ = ["parse_shard", "check_shard", "shard_batches", "shard_device", "merge_shards", "SHARD_FILE"]
+__all__ = ["parse_shard", "check_shard", "shard_batches", "shard_device", "shard_label", "write_shard_file",
+           "read_shards", "ShardSet", "SHARD_FILE"]
 
 #: The file a finished shard writes last: stage, shard, total rows, and settings that must agree across shards.
-SHARD_FILE = "shard.json"
-#: The stages that can be sharded and merged.
-Stage = Literal["synthesize", "score", "generate"]
-_STAGES = ("synthesize", "score", "generate")
-_SETTINGS_FILE = {"synthesize": "synthesis.json", "score": None, "generate": "generation.json"}
-_DATA_FILE = {"synthesize": "raw.jsonl", "score": "scores.jsonl", "generate": "pairs.jsonl"}
+SHARD_FILE = names.SHARD
 
 
 def check_shard(shard: tuple[int, int] | Sequence[int] | None) -> tuple[int, int] | None:
@@ -133,7 +128,7 @@ def shard_label(shard: tuple[int, int]) -> str:
     return f"{shard[0]}/{shard[1]}"
 
 
-def write_shard_file(folder: str | os.PathLike[str], *, stage: Stage, shard: tuple[int, int], total: int, rows: int,
+def write_shard_file(folder: str | os.PathLike[str], *, stage: str, shard: tuple[int, int], total: int, rows: int,
                      settings: dict[str, Any] | None = None) -> Path:
     """Mark a shard folder finished: write ``shard.json`` (atomically), what `merge_shards` reads besides the data.
 
@@ -163,7 +158,24 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON ({exc.msg}).") from exc
 
 
-def _read_shard(folder: Path, stage: Stage) -> dict[str, Any]:
+@dataclass
+class ShardSet:
+    """The rows and settings of a complete, consistent set of shard folders (`read_shards`).
+
+    Attributes:
+        rows: every row, in ``index`` order.
+        settings: the settings all shards agree on (run settings without the shard, plus ``shard.json``'s).
+        run_settings: the shards' settings file without the shard (what the unsharded run writes).
+        total: rows of the whole run.
+    """
+
+    rows: list[dict[str, Any]]
+    settings: dict[str, Any]
+    run_settings: dict[str, Any]
+    total: int
+
+
+def _read_shard(folder: Path, stage: str, settings_file: str | None, data_file: str) -> dict[str, Any]:
     if not folder.is_dir():
         raise FileNotFoundError(f"Shard folder {folder} does not exist.")
     marker = folder / SHARD_FILE
@@ -174,81 +186,49 @@ def _read_shard(folder: Path, stage: Stage) -> dict[str, Any]:
     if info.get("stage") != stage:
         raise ValueError(f"{folder} is a {info.get('stage')!r} shard, not a {stage!r} one.")
     settings = dict(info.get("settings") or {})
-    if _SETTINGS_FILE[stage] is not None:
-        run = _read_json(folder / _SETTINGS_FILE[stage])
+    info["run_settings"] = {}
+    if settings_file is not None:
+        run = _read_json(folder / settings_file)
         if run.get("shard") != info.get("shard"):
-            raise ValueError(f"{folder}: {_SETTINGS_FILE[stage]} says shard {run.get('shard')!r} but {SHARD_FILE} "
+            raise ValueError(f"{folder}: {settings_file} says shard {run.get('shard')!r} but {SHARD_FILE} "
                              f"says {info.get('shard')!r}; rerun that shard into a fresh folder.")
         run.pop("shard", None)
         info["run_settings"] = run
         settings = {**run, **settings}
     i, n = parse_shard(str(info.get("shard")))
-    rows = read_jsonl(folder / _DATA_FILE[stage])
+    rows = read_jsonl(folder / data_file)
     if len(rows) != info.get("rows"):
-        raise ValueError(f"{folder}: {_DATA_FILE[stage]} holds {len(rows)} rows but {SHARD_FILE} says "
+        raise ValueError(f"{folder}: {data_file} holds {len(rows)} rows but {SHARD_FILE} says "
                          f"{info.get('rows')}; rerun that shard.")
     return {"folder": folder, "i": i, "n": n, "total": info.get("total"), "settings": settings, "info": info,
             "rows": rows}
 
 
-def merge_shards(
-    stage: Stage,
-    shard_dirs: Sequence[str | os.PathLike[str]],
-    *,
-    out: str | os.PathLike[str],
-    overwrite: bool = False,
-    top_fraction: float | None = None,
-    top_k: int | None = None,
-    threshold: float | None = None,
-    balance_criteria: bool = False,
-) -> "datasets.Dataset":
-    """Merge the shard folders of a sharded stage into the folder the unsharded command writes.
+def read_shards(folders: Sequence[str | os.PathLike[str]], *, stage: str, settings_file: str | None, data_file: str,
+                whole_batches_of: str | None = None) -> ShardSet:
+    """Read and check the shard folders of one sharded run.
 
-    Checks that the shards are ``0/n`` ... ``n-1/n`` for one ``n``, each exactly once, that their
-    settings agree except for the shard, and that every row index appears exactly once; then runs
-    the stage's global step on all rows in index order and writes (atomically, into ``out``):
-
-    - ``"synthesize"``: clean-up and de-duplication over all rows: ``instructions.jsonl``,
-      ``dropped.jsonl``, ``report.json``, plus the merged ``raw.jsonl`` and ``synthesis.json`` (without
-      the shard), i.e. a finished unsharded synthesis folder.
-    - ``"score"``: the selection: ``scores.jsonl``, ``selected.jsonl``, ``consistency_hist.png``,
-      ``score_report.json`` (see `icon2_lens.scoring.save_scores`).
-    - ``"generate"``: ``pairs.jsonl``, ``generation.json`` (without the shard) and ``report.json``
-      with the model-free figures of `icon2_lens.pair_report` only (no ``win_share``: the probe scorer
-      of the unsharded command needs the model; call ``pair_report(pairs, scorer=ProbeScorer(...))``).
+    Checks that the shards are ``0/n`` ... ``n-1/n`` for one ``n``, each exactly once, that their settings
+    agree except for the shard, and that every row index of ``0..total-1`` appears exactly once.
 
     Args:
-        stage: ``"synthesize"``, ``"score"`` or ``"generate"``.
-        shard_dirs: the shard output folders, in any order.
-        out: the merged output folder.
-        overwrite: replace an existing non-empty ``out``.
-        top_fraction: score only: keep this share (the default rule when no rule is given is 10%).
-        top_k: score only: keep the best ``k``.
-        threshold: score only: keep ``consistency >= threshold``.
-        balance_criteria: score only: apply the rule within each assigned criterion.
+        folders: the shard folders, in any order.
+        stage: the stage name their ``shard.json`` must carry.
+        settings_file: the run's settings file (``None``: the stage has none).
+        data_file: the append-only rows file.
+        whole_batches_of: the settings key of the batch size when the run writes whole batches (rows up to the
+            end of the last batch count).
 
     Returns:
-        The merged rows as a ``datasets.Dataset``, equal to what the unsharded call returns: the kept
-        instructions (synthesize, with the report for `icon2_lens.synthesis_report`), the full score
-        table (score), or the pairs (generate).
+        A `ShardSet`.
 
     Examples:
-        >>> pairs = il.merge_shards("generate", ["runs/pairs_0", "runs/pairs_1"], out="runs/pairs")  # doctest: +SKIP
+        >>> s = read_shards(["p0", "p1"], stage="generate", settings_file="generation.json",  # doctest: +SKIP
+        ...                 data_file="pairs.jsonl")
     """
-
-    if stage not in _STAGES:
-        raise ValueError(f"Unknown stage {stage!r}; use one of {list(_STAGES)}.")
-    selection = {"top_fraction": top_fraction, "top_k": top_k, "threshold": threshold}
-    if stage != "score" and (any(v is not None for v in selection.values()) or balance_criteria):
-        raise ValueError(f"Selection options (top_fraction, top_k, threshold, balance_criteria) apply to merging "
-                         f"'score' shards only, not {stage!r}.")
-    if isinstance(shard_dirs, (str, os.PathLike)) or not shard_dirs:
+    if isinstance(folders, (str, os.PathLike)) or not folders:
         raise ValueError("Pass a list of shard folders (at least one).")
-    out_path = check_output_folder(out, overwrite=overwrite)
-    folders = [Path(d) for d in shard_dirs]
-    if any(out_path.resolve() == f.resolve() for f in folders):
-        raise ValueError(f"The output folder {out_path} is one of the shard folders; choose another --out.")
-    shards = [_read_shard(f, stage) for f in folders]
+    shards = [_read_shard(Path(f), stage, settings_file, data_file) for f in folders]
     _check_set(shards)
     ref = shards[0]
     for s in shards[1:]:
@@ -260,40 +240,8 @@ def merge_shards(
         if s["total"] != ref["total"]:
             raise ValueError(f"Shards disagree on the number of rows: {ref['total']} in {ref['folder']}, "
                              f"{s['total']} in {s['folder']}; all shards must run on the same input.")
-    rows = _merged_rows(shards, stage)
-    with atomic_folder(out_path, overwrite=overwrite) as tmp:
-        if stage == "synthesize":
-            from .synthesis import _finish_synthesis
-
-            atomic_write_text(tmp / "raw.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-            atomic_write_text(tmp / "synthesis.json", json.dumps(ref["info"]["run_settings"], indent=2))
-            ds = _finish_synthesis(rows, ref["info"]["run_settings"], n=ref["total"], folder=tmp,
-                                   special_tokens=ref["settings"]["special_tokens"], wall=0.0,
-                                   **ref["settings"]["cleanup"])
-        elif stage == "score":
-            from datasets import Dataset, DatasetInfo
-
-            from .scoring import save_scores
-
-            settings = {k: v for k, v in ref["settings"].items() if k not in _SCORE_SHARD_KEYS}
-            table = Dataset.from_list([{k: v for k, v in r.items() if k != "index"} for r in rows],
-                                      info=DatasetInfo(description=json.dumps(settings)))
-            save_scores(table, tmp, overwrite=True, balance_criteria=balance_criteria, **selection)
-            ds = table
-        else:
-            from datasets import Dataset
-
-            from .evaluation import pair_report
-
-            atomic_write_text(tmp / "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-            atomic_write_text(tmp / "generation.json", json.dumps(ref["info"]["run_settings"], indent=2))
-            ds = Dataset.from_list(rows)
-            atomic_write_text(tmp / "report.json", json.dumps(pair_report(rows), indent=2))
-    return ds
-
-
-#: Keys a score shard adds to the scoring settings (dropped again by the merge).
-_SCORE_SHARD_KEYS = ("shard", "total", "batch_size", "instructions_sha256")
+    rows = _merged_rows(shards, int(ref["settings"][whole_batches_of]) if whole_batches_of else None)
+    return ShardSet(rows=rows, settings=ref["settings"], run_settings=ref["info"]["run_settings"], total=ref["total"])
 
 
 def _check_set(shards: list[dict[str, Any]]) -> None:
@@ -315,11 +263,10 @@ def _check_set(shards: list[dict[str, Any]]) -> None:
                          f"{', '.join(f'{i}/{n}' for i in sorted(seen))}); run them and pass every shard folder.")
 
 
-def _merged_rows(shards: list[dict[str, Any]], stage: Stage) -> list[dict[str, Any]]:
+def _merged_rows(shards: list[dict[str, Any]], round_to: int | None) -> list[dict[str, Any]]:
     total = shards[0]["total"]
-    if stage == "synthesize":  # raw.jsonl keeps whole batches: up to the end of the last batch
-        bs = shards[0]["settings"]["batch_size"]
-        total = -(-total // bs) * bs
+    if round_to:  # whole batches are written: up to the end of the last batch
+        total = -(-total // round_to) * round_to
         for s in shards:  # batches beyond the end (an earlier run of that folder with a larger n)
             s["rows"] = [r for r in s["rows"] if not isinstance(r.get("index"), int) or r["index"] < total]
     owner: dict[int, Path] = {}
