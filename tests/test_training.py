@@ -1,14 +1,18 @@
-"""train_dpo on the tiny model: the DPO loss on its training pairs falls, the folder opens with load_model."""
+"""train_dpo on the tiny model (the DPO loss on its training pairs falls, the folder opens with load_model); the
+precision chosen from the hardware; TrainConfig validation."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import typing
 
 import pytest
 
 import icon2_lens as il
+import icon2_lens.training as training
 from icon2_lens.cli import main
-from icon2_lens.training import load_train_log, train_dpo
+from icon2_lens.training import TrainConfig, choose_precision, load_train_log, train_dpo
 
 PAIRS = [
     {"prompt": [{"role": "user", "content": f"Question number {i}?"}],
@@ -16,6 +20,29 @@ PAIRS = [
      "rejected": [{"role": "assistant", "content": "bad bad bad"}]}
     for i in range(8)
 ]
+
+
+@pytest.fixture
+def avx2_only(monkeypatch):
+    """A CPU without native bf16, whatever this machine has."""
+    monkeypatch.setattr(training, "_torch_cpu_bf16", lambda: None)
+    monkeypatch.setattr(training, "_cpuinfo_bf16", lambda: [])
+
+
+@pytest.fixture
+def trainer_args(monkeypatch):
+    """The config object TRL's DPOTrainer receives (``trainer_args["args"]`` after training)."""
+    import trl
+
+    seen: dict = {}
+
+    class Recording(trl.DPOTrainer):
+        def __init__(self, *a, **kw):
+            seen["args"] = kw["args"]
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(trl, "DPOTrainer", Recording)
+    return seen
 
 
 def test_training_lowers_loss_and_saves_a_loadable_folder(tiny_model_dir, tmp_path):
@@ -35,7 +62,8 @@ def test_training_lowers_loss_and_saves_a_loadable_folder(tiny_model_dir, tmp_pa
     base = il.load_model(tiny_model_dir, device="cpu")
     assert trained.info.fingerprint == base.info.fingerprint  # same shape: the base's directions apply
     assert trained.tokenizer.chat_template == base.tokenizer.chat_template
-    assert trained.generation_model().config.use_cache  # the trainer switches the KV cache off; saved on again
+    # the trainer switches the KV cache off; it is saved on again
+    assert json.loads((res.output_dir / "config.json").read_text())["use_cache"] is True
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no scratch or temp folder is left behind
 
 
@@ -77,3 +105,121 @@ def test_non_main_process_writes_nothing(tiny_model_dir, tmp_path, monkeypatch):
                     progress=False)
     assert res.steps == 1
     assert list(tmp_path.iterdir()) == []  # nothing written, scratch removed
+
+
+# ------------------------------------------------------------------------------ precision and TrainConfig
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_choose_precision_cuda(monkeypatch, bf16):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Fake GPU")
+    precision, reason = choose_precision("cuda:1")
+    assert precision == ("bf16" if bf16 else "fp32")
+    assert "Fake GPU" in reason
+
+
+def test_choose_precision_cuda_unavailable(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_precision("cuda") == ("fp32", "CUDA asked for but not available")
+
+
+@pytest.mark.parametrize(("torch_says", "cpuinfo_says", "expected"), [
+    (None, ["avx512_bf16", "amx_bf16"], "bf16"),  # torch without the private helpers: /proc/cpuinfo decides
+    (None, ["amx_bf16"], "bf16"),
+    (None, [], "fp32"),                           # AVX2-only CPU (e.g. AMD EPYC of the 7003 series)
+    (None, None, "fp32"),                         # nothing readable: the safe choice
+    (["avx512_bf16"], [], "bf16"),                # torch's own check wins where it exists
+    ([], ["amx_bf16"], "fp32"),
+])
+def test_choose_precision_cpu(monkeypatch, torch_says, cpuinfo_says, expected):
+    monkeypatch.setattr(training, "_torch_cpu_bf16", lambda: torch_says)
+    monkeypatch.setattr(training, "_cpuinfo_bf16", lambda: cpuinfo_says)
+    monkeypatch.setattr(training, "_cpu_name", lambda: "Test CPU 9000")
+    precision, reason = choose_precision("cpu")
+    assert precision == expected
+    assert "Test CPU 9000" in reason and "\n" not in reason
+    if cpuinfo_says == [] and torch_says is None:
+        assert "without native bf16" in reason
+
+
+def test_choose_precision_other_devices():
+    assert choose_precision("mps")[0] == "fp32"
+    assert choose_precision("xpu:0")[0] == "fp32"
+
+
+def test_cpuinfo_flags(tmp_path):
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2 fma\n\n")
+    amx = tmp_path / "amx"
+    amx.write_text("processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16 amx_tile amx_bf16\n")
+    assert training._cpuinfo_bf16(avx2) == []
+    assert training._cpuinfo_bf16(amx) == ["avx512_bf16", "amx_bf16"]
+    assert training._cpuinfo_bf16(tmp_path / "missing") is None
+
+
+def test_train_config_defaults_and_types():
+    c = TrainConfig()
+    assert (c.objective, c.preset, c.precision, c.gradient_checkpointing, c.lora, c.max_steps) == (
+        "dpo", "demo", "auto", False, False, -1)
+    assert c.hyperparameters() == training.PRESETS["demo"]
+    assert TrainConfig(preset="paper", learning_rate=1e-6).hyperparameters()["learning_rate"] == 1e-6
+    hints = typing.get_type_hints(TrainConfig)  # works under `from __future__ import annotations`
+    assert hints["precision"] == typing.Literal["auto", "fp32", "bf16"]
+    assert hints["beta"] == (float | None)
+    assert {f.name for f in dataclasses.fields(TrainConfig)} >= {"objective", "preset", "lora_r", "seed"}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.beta = 0.2  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        TrainConfig("dpo")  # type: ignore[misc]  # keyword-only
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"preset": "fast"}, "Unknown preset 'fast'"),
+    ({"precision": "fp16"}, "Unknown precision 'fp16'; use one of"),
+    ({"beta": 0.0}, "beta must be positive"),
+    ({"learning_rate": -1e-5}, "learning_rate must be positive"),
+    ({"epochs": float("nan")}, "epochs must be positive"),
+    ({"batch_size": 0}, "batch_size must be at least 1"),
+    ({"gradient_accumulation": 0}, "gradient_accumulation must be at least 1"),
+    ({"max_length": 0}, "max_length must be at least 1"),
+    ({"lora_r": 0}, "lora_r must be at least 1"),
+    ({"max_steps": 0}, "max_steps must be -1"),
+    ({"batch_size": 2.5}, "batch_size must be an integer, got 2.5"),
+    ({"beta": "0.1"}, "beta must be a number"),
+    ({"lora": "yes"}, "lora must be True or False"),
+    ({"seed": True}, "seed must be an integer"),
+])
+def test_train_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        TrainConfig(**kwargs)
+
+
+def test_fp32_without_checkpointing_on_a_cpu_without_bf16(tiny_model_dir, tmp_path, avx2_only, trainer_args):
+    """On an AVX2-only CPU train_dpo hands TRL bf16=False, fp16=False and checkpointing off, and says so."""
+    lines: list[str] = []
+    res = train_dpo(PAIRS[:2], model_source=tiny_model_dir, output_dir=tmp_path / "out", max_steps=1, device="cpu",
+                    progress=False, log=lines.append)
+    args = trainer_args["args"]
+    assert args.bf16 is False and args.fp16 is False and args.gradient_checkpointing is False
+    assert getattr(args, "activation_checkpointing", False) is False
+    assert len(lines) == 1 and lines[0].startswith("training precision: fp32 (CPU without native bf16")
+    cfg = json.loads((res.output_dir / "train_config.json").read_text())
+    assert cfg["precision"] == "fp32" and cfg["precision_asked"] == "auto" and cfg["gradient_checkpointing"] is False
+    assert cfg["precision_reason"] in lines[0]
+    assert "elapsed_s" in res.history[0]
+
+
+def test_explicit_precision_and_checkpointing(tiny_model_dir, tmp_path, avx2_only, trainer_args, capsys):
+    res = train_dpo(PAIRS[:2], model_source=tiny_model_dir, output_dir=tmp_path / "out", max_steps=1, device="cpu",
+                    progress=False, precision="bf16", gradient_checkpointing=True)
+    assert trainer_args["args"].bf16 is True and trainer_args["args"].gradient_checkpointing is True
+    out = capsys.readouterr().out  # the default log is print
+    assert "training precision: bf16 (asked for; auto would choose fp32" in out
+    assert "gradient checkpointing on" in out
+    cfg = json.loads((res.output_dir / "train_config.json").read_text())
+    assert cfg["precision"] == "bf16" and cfg["gradient_checkpointing"] is True

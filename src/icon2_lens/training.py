@@ -1,4 +1,4 @@
-"""Offline DPO on preference pairs with TRL (METHOD.md section 5).
+"""Offline preference training on pairs with TRL (METHOD.md section 5).
 
 The policy and the reference are two fresh plain HF models loaded from the same source (never the
 bridge's rewritten model), and the reference is passed to TRL explicitly: TRL's default reloads
@@ -6,16 +6,25 @@ it from ``config._name_or_path``, which fails for the GGUF-derived embedded mode
 Every logging step appends loss, reward accuracy and reward margin to ``train_log.jsonl``; the
 curve is drawn to ``train_curve.png``; the trained model is saved as a normal HF folder (with the
 tokenizer and its chat template) that `icon2_lens.load_model` opens.
+
+Precision comes from the hardware (`choose_precision`), never from TRL's defaults: TRL 1.x turns
+on bf16 autocast and gradient checkpointing by default, and on a CPU without native bf16 (AVX2
+only) autocast emulates bf16 and a step is about ten times slower. The choice is printed and
+recorded in ``train_config.json``; gradient checkpointing is off unless asked for.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import sys
+import time
+import typing
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
 
 from .runs.io import atomic_folder, atomic_write_text
 
@@ -25,7 +34,7 @@ if TYPE_CHECKING:
     from .runs.costs import CostMeter
     import matplotlib.figure
 
-__all__ = ["train_dpo", "TrainResult", "PRESETS", "load_train_log", "train_curve"]
+__all__ = ["train_dpo", "TrainConfig", "TrainResult", "PRESETS", "choose_precision", "load_train_log", "train_curve"]
 
 #: Named hyperparameter sets. ``"demo"``: CPU-friendly for the embedded model; ``"paper"``: the
 #: paper's DPO settings (1 epoch, beta 0.1, lr 5e-7, cosine, 10% warm-up, global batch 128).
@@ -37,6 +46,225 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 _LOG_KEYS = {"loss": "loss", "rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin",
              "rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected", "learning_rate": "learning_rate"}
+#: CPU flags (``/proc/cpuinfo``) of native bf16 arithmetic.
+_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+# --------------------------------------------------------------------------------------------- precision
+
+
+def _torch_cpu_bf16() -> list[str] | None:
+    """Native bf16 features that torch's private CPU helpers report, or None where torch has none.
+
+    Older torch builds expose ``torch._C._cpu._is_avx512_bf16_supported`` / ``_is_amx_tile_supported``;
+    newer ones (2.13) do not, and the caller falls back to ``/proc/cpuinfo``.
+    """
+    try:
+        import torch
+
+        cpu = getattr(torch._C, "_cpu", None)
+    except Exception:  # pragma: no cover - torch is a dependency
+        return None
+    found: list[str] = []
+    asked = False
+    for label, name in (("avx512_bf16", "_is_avx512_bf16_supported"), ("amx", "_is_amx_tile_supported")):
+        check = getattr(cpu, name, None)
+        if check is None:
+            continue
+        try:
+            ok = bool(check())
+        except Exception:
+            continue
+        asked = True
+        if ok:
+            found.append(label)
+    return found if asked else None
+
+
+def _cpuinfo_bf16(path: str | os.PathLike[str] = "/proc/cpuinfo") -> list[str] | None:
+    """The native-bf16 flags of ``/proc/cpuinfo`` (Linux), or None where it cannot be read."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags = set(line.split(":", 1)[1].split())
+            return [f for f in _CPU_BF16_FLAGS if f in flags]
+    return None
+
+
+def _cpu_name() -> str:
+    """The CPU model as ``/proc/cpuinfo`` or `platform` names it (``"CPU"`` if neither does)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
+
+
+def choose_precision(device: str) -> tuple[Literal["fp32", "bf16"], str]:
+    """The training precision the hardware of ``device`` runs fastest, with a one-line reason.
+
+    - CUDA: ``"bf16"`` if ``torch.cuda.is_bf16_supported()``, else ``"fp32"``.
+    - CPU: ``"bf16"`` only with native bf16 arithmetic (the ``avx512_bf16`` or ``amx_bf16`` flags;
+      torch's private capability checks where this torch has them, else ``/proc/cpuinfo``), else
+      ``"fp32"``: without them bf16 autocast is emulated and a step is about ten times slower.
+    - Anything else (``mps``, ...): ``"fp32"``.
+
+    Args:
+        device: a torch device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...).
+
+    Returns:
+        ``(precision, reason)``, e.g. ``("fp32", "CPU without native bf16 (AMD EPYC 7B13: no avx512_bf16/amx_bf16)")``.
+
+    Examples:
+        >>> choose_precision("mps")
+        ('fp32', 'mps device: fp32 (bf16 is chosen automatically only on CUDA and on CPUs with native bf16)')
+    """
+    kind = str(device).split(":", 1)[0].lower()
+    if kind == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return "fp32", "CUDA asked for but not available"
+        try:
+            ok = bool(torch.cuda.is_bf16_supported())
+        except Exception as exc:  # no CUDA runtime, no device
+            return "fp32", f"CUDA bf16 support could not be checked ({type(exc).__name__}: {exc})"
+        try:
+            name = torch.cuda.get_device_name(device)
+        except Exception:
+            name = "CUDA device"
+        return ("bf16", f"{name} supports bf16") if ok else ("fp32", f"{name} without bf16 support")
+    if kind == "cpu":
+        found = _torch_cpu_bf16()
+        if found is None:
+            found = _cpuinfo_bf16()
+        name = _cpu_name()
+        if found is None:
+            return "fp32", f"CPU ({name}) whose bf16 support could not be read: fp32 is the safe choice"
+        if found:
+            return "bf16", f"CPU with native bf16 ({name}: {', '.join(found)})"
+        return "fp32", f"CPU without native bf16 ({name}: no {'/'.join(_CPU_BF16_FLAGS)}, bf16 would be emulated)"
+    return "fp32", f"{kind} device: fp32 (bf16 is chosen automatically only on CUDA and on CPUs with native bf16)"
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Every training setting in one typed, validated, immutable record (the one source of defaults).
+
+    ``None`` takes the preset's value (`PRESETS`). Wrong types and values raise ``ValueError``
+    naming the field, what was wrong and what to do.
+
+    Attributes:
+        objective: ``"dpo"`` (TRL's DPOTrainer, with a frozen reference model).
+        preset: ``"demo"`` (CPU-friendly) or ``"paper"`` (the paper's DPO settings).
+        beta: DPO beta (``None``: the preset's, 0.1).
+        learning_rate: peak learning rate (cosine schedule, warm-up 10%).
+        epochs: passes over the pairs.
+        max_length: tokens per prompt + response.
+        batch_size: pairs per device step.
+        gradient_accumulation: steps per optimizer update.
+        max_steps: stop after this many optimizer steps (``-1``: all epochs).
+        lora: train a LoRA adapter (needs ``peft``) and merge it into the saved weights.
+        lora_r: the LoRA rank.
+        precision: ``"auto"`` (`choose_precision`), ``"fp32"`` or ``"bf16"`` (bf16 autocast over
+            fp32 weights).
+        gradient_checkpointing: recompute activations in the backward pass (less memory, slower).
+        seed: seed of TRL's trainer.
+
+    Examples:
+        >>> TrainConfig(learning_rate=1e-5).hyperparameters()["learning_rate"]
+        1e-05
+        >>> TrainConfig(batch_size=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: batch_size must be at least 1, got 0; pass a positive integer (or None for the preset's value).
+    """
+
+    objective: Literal["dpo", "simpo"] = "dpo"
+    preset: Literal["demo", "paper", "sao"] = "demo"
+    beta: float | None = None
+    learning_rate: float | None = None
+    epochs: float | None = None
+    max_length: int | None = None
+    batch_size: int | None = None
+    gradient_accumulation: int | None = None
+    max_steps: int = -1
+    lora: bool = False
+    lora_r: int = 8
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), hints[f.name])
+        if self.objective != "dpo":
+            raise ValueError(f"objective {self.objective!r} is not available yet; use objective='dpo'.")
+        if self.preset not in PRESETS:
+            raise ValueError(f"Unknown preset {self.preset!r}; use one of {sorted(PRESETS)}.")
+        for name in ("beta", "learning_rate", "epochs"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"{name} must be positive, got {v!r}; pass a number > 0 (or None for the preset's "
+                                 "value).")
+        for name in ("max_length", "batch_size", "gradient_accumulation", "lora_r"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                hint = "" if name == "lora_r" else " (or None for the preset's value)"
+                raise ValueError(f"{name} must be at least 1, got {v}; pass a positive integer{hint}.")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be -1 (train all epochs) or a positive number of optimizer steps, "
+                             f"got {self.max_steps}.")
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The preset's values with this config's overrides (what the trainer gets).
+
+        Examples:
+            >>> TrainConfig(preset="paper").hyperparameters()["batch_size"]
+            8
+        """
+        out = dict(PRESETS[self.preset])
+        for k in ("beta", "learning_rate", "epochs", "max_length", "batch_size", "gradient_accumulation"):
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = v
+        return out
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    """Raise ValueError unless ``value`` fits ``hint`` (Literal, bool, int, float, ``X | None``)."""
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"Unknown {name} {value!r}; use one of {list(args)}.")
+        return
+    if args and type(None) in args:  # X | None
+        if value is None:
+            return
+        hint = next(a for a in args if a is not type(None))
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:  # pragma: no cover - every field has one of the types above
+        ok = isinstance(value, hint)
+    if not ok:
+        kind = {bool: "True or False", int: "an integer", float: "a number"}.get(hint, str(hint))
+        raise ValueError(f"{name} must be {kind}, got {value!r} ({type(value).__name__}).")
 
 
 @dataclass
@@ -121,6 +349,9 @@ def train_dpo(
     overwrite: bool = False,
     progress: bool = True,
     costs: "CostMeter | None" = None,
+    precision: Literal["auto", "fp32", "bf16"] = "auto",
+    gradient_checkpointing: bool = False,
+    log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train a fresh copy of the model with DPO on ``pairs`` and save it as an HF folder.
 
@@ -144,45 +375,63 @@ def train_dpo(
         progress: show the trainer's progress bar.
         costs: a `icon2_lens.costs.CostMeter` (from `icon2_lens.measure_costs`) that should count the
             forward passes and tokens of the policy and reference models made here.
+        precision: ``"auto"`` (from the hardware, `choose_precision`), ``"fp32"`` or ``"bf16"``.
+        gradient_checkpointing: recompute activations in the backward pass (less memory, slower; off
+            by default, unlike TRL's own default).
+        log: where the one-line precision choice goes (default: ``print``).
 
     Returns:
         A `TrainResult`. The folder is written atomically: an interrupted run leaves no partial folder.
 
     Examples:
         >>> res = il.train_dpo("runs/pairs", output_dir="runs/trained", max_steps=10)  # doctest: +SKIP
+        training precision: fp32 (CPU without native bf16 (AMD EPYC 7B13: no avx512_bf16/amx_bf16, ...))
         >>> trained = il.load_model(res.output_dir)  # doctest: +SKIP
     """
+    config = TrainConfig(objective="dpo", preset=preset, beta=beta, learning_rate=learning_rate, epochs=epochs,
+                         max_length=max_length, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
+                         max_steps=max_steps, lora=lora, precision=precision,
+                         gradient_checkpointing=gradient_checkpointing, seed=seed)
+    return _run(pairs, config=config, model_source=model_source, output_dir=output_dir, device=device,
+                overwrite=overwrite, progress=progress, costs=costs, log=log)
+
+
+def _run(pairs: Any, *, config: TrainConfig, model_source: str | os.PathLike[str] | None,
+         output_dir: str | os.PathLike[str], device: str | None, overwrite: bool, progress: bool,
+         costs: "CostMeter | None", log: Callable[[str], None]) -> TrainResult:
+    """Load the models, resolve the precision, train, and write the output folder atomically."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .runs.io import check_output_folder
     from .models import _resolve_source
 
-    if preset not in PRESETS:
-        raise ValueError(f"Unknown preset {preset!r}; use one of {sorted(PRESETS)}.")
-    cfg = dict(PRESETS[preset])
-    for k, v in {"beta": beta, "learning_rate": learning_rate, "epochs": epochs, "max_length": max_length,
-                 "batch_size": batch_size, "gradient_accumulation": gradient_accumulation}.items():
-        if v is not None:
-            cfg[k] = v
-    if cfg["beta"] <= 0 or cfg["learning_rate"] <= 0 or cfg["batch_size"] < 1 or cfg["gradient_accumulation"] < 1:
-        raise ValueError(f"beta, learning_rate, batch_size and gradient_accumulation must be positive: {cfg}.")
+    cfg = config.hyperparameters()
     out = check_output_folder(output_dir, overwrite=overwrite)
     dataset = _pairs_dataset(pairs)
     _, hf_path, model_id, _ = _resolve_source(model_source)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    auto, reason = choose_precision(device)
+    if config.precision == "auto":
+        precision = auto
+    else:
+        precision = config.precision
+        reason = f"asked for; auto would choose {auto}: {reason}"
+    log(f"training precision: {precision} ({reason})"
+        + ("; gradient checkpointing on" if config.gradient_checkpointing else ""))
     tokenizer = AutoTokenizer.from_pretrained(hf_path, local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     policy = AutoModelForCausalLM.from_pretrained(hf_path, local_files_only=True, dtype=torch.float32)
     ref = None
     peft_config = None
-    if lora:
+    if config.lora:
         try:
             from peft import LoraConfig
         except ImportError as exc:
             raise ImportError("lora=True needs peft: pip install peft") from exc
-        peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM")
+        peft_config = LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0,
+                                 task_type="CAUSAL_LM")
     else:
         ref = AutoModelForCausalLM.from_pretrained(hf_path, local_files_only=True, dtype=torch.float32)
     if costs is not None:
@@ -193,13 +442,28 @@ def train_dpo(
     work = out.parent / f".{out.name}.trainer{rank}"
     target = atomic_folder(out, overwrite=overwrite) if rank == 0 else _scratch_folder(out, rank)
     with target as tmp:
-        steps, history = _train(policy, ref, peft_config, tokenizer, dataset, cfg, work=work, out=tmp,
-                                max_steps=max_steps, lora=lora, device=device, seed=seed, progress=progress)
+        steps, history = _train(policy, ref, peft_config, tokenizer, dataset, cfg, config=config, precision=precision,
+                                work=work, out=tmp, device=device, progress=progress)
         atomic_write_text(tmp / "train_config.json", json.dumps(
-            {**cfg, "preset": preset, "max_steps": max_steps, "lora": lora, "seed": seed, "base_model": model_id,
-             "n_pairs": len(dataset), "steps": steps}, indent=2))
+            {**dataclasses.asdict(config), **cfg, "precision": precision, "precision_asked": config.precision,
+             "precision_reason": reason, "base_model": model_id, "n_pairs": len(dataset), "steps": steps},
+            indent=2))
     return TrainResult(output_dir=out, log_path=out / "train_log.jsonl", curve_path=out / "train_curve.png",
                        steps=steps, history=history)
+
+
+def _checkpointing_kwargs(config_class: type, on: bool) -> dict[str, bool]:
+    """Gradient checkpointing on or off for a TRL config class, under the name this transformers reads.
+
+    transformers 5.x renamed ``gradient_checkpointing`` to ``activation_checkpointing`` and copies the old
+    name (whose TRL default is True) into the new one, with a FutureWarning, whenever the new one is
+    unset: so the new name is set where it exists, and the old one too, so both agree.
+    """
+    names = {f.name for f in dataclasses.fields(config_class)}
+    out = {"gradient_checkpointing": on}
+    if "activation_checkpointing" in names:
+        out["activation_checkpointing"] = on
+    return out
 
 
 @contextmanager
@@ -217,7 +481,7 @@ def _scratch_folder(out: Path, rank: int) -> Iterator[Path]:
 
 
 def _train(policy: Any, ref: Any, peft_config: Any, tokenizer: Any, dataset: Any, cfg: dict[str, Any], *,
-           work: Path, out: Path, max_steps: int, lora: bool, device: str, seed: int,
+           config: TrainConfig, precision: Literal["fp32", "bf16"], work: Path, out: Path, device: str,
            progress: bool) -> tuple[int, list[dict[str, Any]]]:
     """Run TRL's DPOTrainer; save the model, tokenizer, log and curve into ``out`` (the caller's temp folder)."""
     import shutil
@@ -229,20 +493,28 @@ def _train(policy: Any, ref: Any, peft_config: Any, tokenizer: Any, dataset: Any
     history: list[dict[str, Any]] = []
 
     class _Log(TrainerCallback):
+        start = 0.0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.start = time.perf_counter()
+
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
-            row = {"step": int(state.global_step)}
+            row: dict[str, Any] = {"step": int(state.global_step)}
             row.update({name: float(logs[key]) for key, name in _LOG_KEYS.items() if logs and key in logs})
             if len(row) > 1 and "loss" in row:
+                row["elapsed_s"] = round(time.perf_counter() - self.start, 3)  # wall time since training began
                 history.append(row)
                 with log_path.open("a", encoding="utf-8") as f:
                     f.write(json.dumps(row) + "\n")
 
     args = DPOConfig(
         output_dir=str(work), beta=cfg["beta"], learning_rate=cfg["learning_rate"],
-        num_train_epochs=cfg["epochs"], max_steps=max_steps, per_device_train_batch_size=cfg["batch_size"],
+        num_train_epochs=cfg["epochs"], max_steps=config.max_steps, per_device_train_batch_size=cfg["batch_size"],
         gradient_accumulation_steps=cfg["gradient_accumulation"], max_length=cfg["max_length"],
         lr_scheduler_type=cfg["scheduler"], warmup_steps=cfg["warmup_ratio"], logging_steps=1, save_strategy="no",
-        report_to="none", use_cpu=device == "cpu", seed=seed, disable_tqdm=not progress,
+        report_to="none", use_cpu=device == "cpu", seed=config.seed, disable_tqdm=not progress,
+        # explicit, never TRL's defaults (bf16=True, gradient_checkpointing=True): see choose_precision
+        bf16=precision == "bf16", fp16=False, **_checkpointing_kwargs(DPOConfig, config.gradient_checkpointing),
     )
     trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[_Log()])
@@ -251,7 +523,7 @@ def _train(policy: Any, ref: Any, peft_config: Any, tokenizer: Any, dataset: Any
     finally:
         shutil.rmtree(work, ignore_errors=True)  # the trainer's scratch folder (no checkpoints are kept)
     model = trainer.model
-    if lora:
+    if config.lora:
         model = model.merge_and_unload()
     model.config.use_cache = True  # the trainer turns the KV cache off; generation from the saved folder needs it
     model.save_pretrained(out)
