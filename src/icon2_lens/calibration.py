@@ -28,13 +28,14 @@ import yaml
 from tqdm.auto import tqdm
 
 from .directions import DirectionSet
-from .evaluation import ProbeScorer, Scorer, _is_pairwise
+from .judges import ProbeScorer, Scorer, is_pairwise
 from .runs.io import atomic_write_text
 from .math.gamma import check_win_threshold, choose_gammas, gamma_grid
 from .math.text import distinct_n, is_degenerate
 from .models import LoadedModel
-from .pairs import DEFAULT_DECODING, _table_rows, generate_steered
+from .pairs import DEFAULT_DECODING, generate_steered, table_rows
 from .prompts import render_chat
+from .reports import calibration_figure, calibration_table
 from .steering import Positions, Scale
 
 if TYPE_CHECKING:
@@ -71,52 +72,11 @@ class CalibrationResult:
 
     def table(self) -> str:
         """Markdown: mean score etc. per gamma, then the win-share matrix (rows gamma+, columns gamma-)."""
-        lines = ["| gamma | side | mean score | degenerate | distinct-2 |", "|---|---|---|---|---|"]
-        for r in self.per_gamma:
-            mark = " *" if r["gamma"] in (self.gamma_pos, self.gamma_neg) else ""
-            side = "+" if r["gamma"] > 0 else "-" if r["gamma"] < 0 else "0"
-            lines.append(f"| {r['gamma']:g}{mark} | {side} | {r['mean_score']:.3f} | {r['degenerate_share']:.2f} | "
-                         f"{r['distinct2']:.2f} |")
-        gn = sorted({p["gamma_neg"] for p in self.pairs}, reverse=True)
-        gp = sorted({p["gamma_pos"] for p in self.pairs})
-        win = {(p["gamma_pos"], p["gamma_neg"]): p["win_share"] for p in self.pairs}
-        lines += ["", "share of pairs with chosen > rejected (rows gamma+, columns gamma-):", "",
-                  "| gamma+ \\ gamma- | " + " | ".join(f"{g:g}" for g in gn) + " |", "|---" * (len(gn) + 1) + "|"]
-        for p in gp:
-            cells = [f"**{win[(p, n)]:.2f}**" if (p, n) == (self.gamma_pos, self.gamma_neg) else f"{win[(p, n)]:.2f}"
-                     for n in gn]
-            lines.append(f"| {p:g} | " + " | ".join(cells) + " |")
-        lines.append(f"\nchosen: gamma+ = {self.gamma_pos:g}, gamma- = {self.gamma_neg:g} "
-                     f"(scorer {self.settings['scorer']}, win threshold {self.settings['win_threshold']})")
-        return "\n".join(lines)
+        return calibration_table(self.to_dict())
 
     def figure(self) -> "matplotlib.figure.Figure":
         """Mean score and degenerate share per gamma; win share per gamma- for the chosen gamma+."""
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(10, 3.4))
-        ax1, ax2 = fig.subplots(1, 2)
-        g = [r["gamma"] for r in self.per_gamma]
-        ax1.plot(g, [r["mean_score"] for r in self.per_gamma], marker="o", label="mean score")
-        ax1b = ax1.twinx()
-        ax1b.bar(g, [r["degenerate_share"] for r in self.per_gamma], width=0.008, color="tab:red", alpha=0.4,
-                 label="degenerate share")
-        ax1b.set_ylim(0, 1)
-        ax1.axvline(self.gamma_pos, color="tab:green", ls="--", lw=1)
-        ax1.axvline(self.gamma_neg, color="tab:orange", ls="--", lw=1)
-        ax1.set_xlabel("gamma")
-        ax1.set_ylabel(f"mean score ({self.settings['scorer']})")
-        ax1b.set_ylabel("degenerate share")
-        ax1.set_title("score per gamma (dashed: chosen)")
-        rows = sorted((p for p in self.pairs if p["gamma_pos"] == self.gamma_pos), key=lambda p: p["gamma_neg"])
-        ax2.plot([p["gamma_neg"] for p in rows], [p["win_share"] for p in rows], marker="o")
-        ax2.axhline(self.settings["win_threshold"], color="0.5", ls="--", lw=1)
-        ax2.set_ylim(-0.02, 1.02)
-        ax2.set_xlabel("gamma-")
-        ax2.set_ylabel("share chosen > rejected")
-        ax2.set_title(f"pairs at gamma+ = {self.gamma_pos:g}")
-        fig.tight_layout()
-        return fig
+        return calibration_figure(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return {"gamma_pos": self.gamma_pos, "gamma_neg": self.gamma_neg, "per_gamma": self.per_gamma,
@@ -221,9 +181,9 @@ def calibrate_gamma(
     if n < 1 or max_new_tokens < 1:
         raise ValueError(f"n and max_new_tokens must be positive (got n={n}, max_new_tokens={max_new_tokens}).")
     check_win_threshold(win_threshold)
-    rows = _table_rows(table, criterion, directions)[:n]
+    rows = table_rows(table, criterion, directions)[:n]
     scorer = scorer if scorer is not None else ProbeScorer(model, directions, layers=layers)
-    pairwise = _is_pairwise(scorer)
+    pairwise = is_pairwise(scorer)
     grid = gn + ([0.0] if pairwise else []) + gp
     layer_list = list(layers) if layers is not None else list(directions.suggested_layers or [])
     tok = model.tokenizer

@@ -42,6 +42,7 @@ from .math.layerstats import separation, steering_score, suggest_layer_range
 from .math.probe import project_criterion
 from .models import LoadedModel
 from .prompts import render_chat, require_chat_template
+from .reports import layer_figure, layer_table
 
 __all__ = [
     "LayerReport",
@@ -111,31 +112,13 @@ class LayerReport:
     counts: dict[str, dict[str, int]]
     stability: Float[Tensor, "criterion layer"] | None = field(default=None)
 
-    def _panels(self) -> list[tuple[str, Tensor]]:
-        panels = [
-            ("(a) held-out stimuli", self.heldout),
-            ("(b) paraphrased prompts", self.paraphrase),
-            ("(c) response pairs", self.response),
-        ]
-        if self.stability is not None:
-            panels.append(("split-half cosine", self.stability))
-        return panels
+    def _data(self) -> dict[str, Any]:
+        return {"heldout": self.heldout, "paraphrase": self.paraphrase, "response": self.response,
+                "stability": self.stability}
 
     def table(self) -> str:
         """A Markdown table: one row per layer, one column per criterion and measure."""
-        short = ["a", "b", "c"] + (["stab"] if self.stability is not None else [])
-        panels = self._panels()
-        head = ["layer"] + [f"{c} {s}" for c in self.criteria for s in short]
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for j, layer in enumerate(self.layers):
-            mark = "*" if layer in self.suggested_layers else ""
-            cells = [f"{layer}{mark}"]
-            for ci in range(len(self.criteria)):
-                cells += [_fmt(p[1][ci, j].item()) for p in panels]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-        lines.append(f"\\* suggested steering layers: {_range_str(self.suggested_layers)}")
-        return "\n".join(lines)
+        return layer_table(self.criteria, self.layers, self.suggested_layers, **self._data())
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of everything in the report."""
@@ -161,25 +144,7 @@ class LayerReport:
         Examples:
             >>> fig = report.figure()  # doctest: +SKIP
         """
-        from matplotlib.figure import Figure
-
-        panels = self._panels()
-        fig = Figure(figsize=(4.2 * len(panels), 3.6))
-        axes = fig.subplots(1, len(panels), sharex=True, squeeze=False)[0]
-        lo, hi = min(self.suggested_layers), max(self.suggested_layers)
-        for ax, (title, data) in zip(axes, panels):
-            ax.axvspan(lo - 0.5, hi + 0.5, color="0.9", zorder=0, label="suggested")
-            for ci, c in enumerate(self.criteria):
-                ax.plot(self.layers, data[ci].numpy(), marker=".", label=c)
-            ax.set_title(title)
-            ax.set_xlabel("layer")
-            if "cosine" not in title:
-                ax.axhline(0.5, color="0.5", lw=0.8, ls="--")
-                ax.set_ylim(-0.02, 1.02)
-        axes[0].set_ylabel("separation (share of pairs ordered right)")
-        axes[-1].legend(fontsize=8, loc="lower right")
-        fig.tight_layout()
-        return fig
+        return layer_figure(self.criteria, self.layers, self.suggested_layers, **self._data())
 
     def plot(self, path: str | Path) -> Path:
         """Write :meth:`figure` as a PNG (temp file, then rename) and return the path.
@@ -212,16 +177,8 @@ class LayerReport:
         return directions.with_meta(suggested_layers=self.suggested_layers, layer_report=self.to_dict())
 
 
-def _fmt(x: float) -> str:
-    return "-" if x != x else f"{x:.2f}"
-
-
 def _nan_to_none(t: Tensor) -> list[list[float | None]]:
     return [[None if v != v else v for v in row] for row in t.tolist()]
-
-
-def _range_str(layers: Sequence[int]) -> str:
-    return f"{min(layers)}-{max(layers)}" if list(layers) == list(range(min(layers), max(layers) + 1)) else str(list(layers))
 
 
 def _default_heldout(directions: DirectionSet, n: int) -> list[str]:

@@ -240,3 +240,7 @@ def generate_pairs(
                    desc="generating pairs", unit="pair", shard_settings={"table_sha256": digest})
     done = run_batches(job, out=out, settings=settings, shard=shard, progress=progress)
     return Dataset.from_list(done)
+
+
+#: The public name of the table reader (used by calibration and the CLI).
+table_rows = _table_rows

@@ -35,6 +35,7 @@ from .math.probe import assign_criteria, consistency_scores, probe_scores, proje
 from .math.selection import DEFAULT_TOP_FRACTION, select_indices
 from .models import LoadedModel
 from .prompts import Render, scoring_texts
+from .reports import consistency_figure
 from .runs.shards import check_shard, parse_shard, shard_label, write_shard_file
 
 if TYPE_CHECKING:
@@ -299,29 +300,10 @@ def consistency_histogram(
     Examples:
         >>> consistency_histogram(table, il.select_instructions(table)).savefig("hist.png")  # doctest: +SKIP
     """
-    from matplotlib.figure import Figure
-
-    crit = table["criterion"]
-    cons = table["consistency"]
-    names = json.loads(table.info.description or "{}").get("criteria") or sorted(set(crit), key=crit.index)
-    fig = Figure(figsize=(3.6 * len(names), 3.0))
-    axes = fig.subplots(1, len(names), squeeze=False, sharey=True)[0]
-    lo, hi = min(cons), max(cons)
-    edges = torch.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1, dtype=torch.float64).tolist()
-    edges[0], edges[-1] = lo, max(hi, edges[-1])  # exact ends: every row falls in a bin
-    sel_cons: dict[str, list[float]] = {}
+    crit = list(table["criterion"])
+    names = json.loads(table.info.description or "{}").get("criteria")
+    selected_cons: dict[str, list[float]] = {}
     if selected is not None:
         for c, v in zip(selected["criterion"], selected["consistency"]):
-            sel_cons.setdefault(c, []).append(v)
-    for ax, name in zip(axes, names):
-        vals = [v for c, v in zip(crit, cons) if c == name]
-        ax.hist(vals, bins=edges, color="tab:blue", alpha=0.8)
-        if name in sel_cons:
-            ax.axvline(min(sel_cons[name]), color="tab:red", ls="--", lw=1.2,
-                       label=f"kept: {len(sel_cons[name])}")
-            ax.legend(fontsize=8)
-        ax.set_title(f"{name} (n={len(vals)})")
-        ax.set_xlabel("consistency")
-    axes[0].set_ylabel("instructions")
-    fig.tight_layout()
-    return fig
+            selected_cons.setdefault(c, []).append(v)
+    return consistency_figure(crit, list(table["consistency"]), names=names, selected=selected_cons, bins=bins)

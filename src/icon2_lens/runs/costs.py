@@ -36,6 +36,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from ..gen import hf_model, stop_ids
+from ..reports import cost_table as _cost_table
 from .io import atomic_write_text
 
 __all__ = ["StageCost", "CostMeter", "measure_costs", "load_costs", "cost_table"]
@@ -273,15 +274,4 @@ def cost_table(costs: Sequence[StageCost], *, per: tuple[str, int] | None = None
     Examples:
         >>> print(il.cost_table([il.load_costs(d) for d in folders], per=("kept pair", 24)))  # doctest: +SKIP
     """
-    head = ("| stage | prompt tokens | generated tokens | forward passes | wall s | peak RSS MiB | rows |\n"
-            "|---|---|---|---|---|---|---|\n")
-    lines = [f"| {c.stage} | {c.prompt_tokens:,} | {c.generated_tokens:,} | {c.forward_passes:,} | "
-             f"{c.wall_seconds:.1f} | {c.peak_rss_mib:.0f} | {'' if c.rows is None else c.rows} |" for c in costs]
-    tp, tg, tf = (sum(getattr(c, k) for c in costs) for k in ("prompt_tokens", "generated_tokens", "forward_passes"))
-    tw = sum(c.wall_seconds for c in costs)
-    peak = max((c.peak_rss_mib for c in costs), default=0.0)
-    lines.append(f"| **total** | {tp:,} | {tg:,} | {tf:,} | {tw:.1f} | {peak:.0f} | |")
-    if per is not None and per[1] > 0:
-        n = per[1]
-        lines.append(f"| per {per[0]} ({n}) | {tp / n:,.0f} | {tg / n:,.0f} | {tf / n:,.1f} | {tw / n:.2f} | | |")
-    return head + "\n".join(lines) + "\n"
+    return _cost_table(costs, per=per)

@@ -1,0 +1,311 @@
+"""Every Markdown table and figure the stages write, built from plain data.
+
+Each builder takes what the stage saves (the metrics dict of ``metrics.json``, the dict of
+``calibration.json``, tensors or nested lists, plain rows), so a report can be drawn again from a
+run folder without the stage's objects. Figures are `matplotlib.figure.Figure` objects built
+without pyplot (no global state, the caller's backend untouched); in a notebook, display one with
+``display(fig)``.
+
+This module sits below the stage modules: it imports only torch and matplotlib (lazily), never a
+stage. The stages' methods and names delegate here: `icon2_lens.LayerReport.table` /
+``figure``, `icon2_lens.CalibrationResult.table` / ``figure``, `icon2_lens.consistency_histogram`,
+`icon2_lens.cost_table` and the report that `icon2_lens.evaluate` writes.
+
+Examples:
+    >>> from icon2_lens import reports
+    >>> print(reports.cost_table([{"stage": "score", "prompt_tokens": 1200, "generated_tokens": 0,
+    ...                            "forward_passes": 3, "wall_seconds": 2.0, "peak_rss_mib": 512.0, "rows": 40}]))
+    | stage | prompt tokens | generated tokens | forward passes | wall s | peak RSS MiB | rows |
+    |---|---|---|---|---|---|---|
+    | score | 1,200 | 0 | 3 | 2.0 | 512 | 40 |
+    | **total** | 1,200 | 0 | 3 | 2.0 | 512 | |
+    <BLANKLINE>
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    import matplotlib.figure
+
+__all__ = [
+    "evaluation_markdown",
+    "probe_shift_figure",
+    "calibration_table",
+    "calibration_figure",
+    "layer_table",
+    "layer_figure",
+    "consistency_figure",
+    "cost_table",
+]
+
+#: A ``[criterion, layer]`` table: a tensor, or nested lists with ``None`` for missing values.
+Grid = Tensor | Sequence[Sequence[float | None]]
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------
+
+
+def evaluation_markdown(m: Mapping[str, Any]) -> str:
+    """The evaluation report (``report.md``) from `icon2_lens.evaluate`'s metrics (``metrics.json``).
+
+    Three sections: the probe shift per criterion, the pairwise judge's win/tie/loss (and its
+    first-position share when recorded), the degeneration figures per model.
+    """
+    lines = [f"# Evaluation: {m['models']['trained']} vs {m['models']['base']} ({m['n']} held-out instructions)", "",
+             "## Probe shift (mean standardised projection on the base model's directions)", "",
+             "| criterion | base | trained | shift |", "|---|---|---|---|"]
+    lines += [f"| {c} | {v['base']:.3f} | {v['trained']:.3f} | {v['shift']:+.3f} |" for c, v in m["probe"].items()]
+    j = m["judge"]
+    lines += ["", f"## Pairwise judge ({j['name']}, both orders; a flip is a tie)", "",
+              "| win | tie | loss |", "|---|---|---|", f"| {j['win']:.2f} | {j['tie']:.2f} | {j['loss']:.2f} |", ""]
+    if j.get("first_position_share") is not None:
+        lines += [f"The judge picked the response shown first in {j['first_position_share']:.2f} of its "
+                  f"{2 * m['n']} verdicts (0.5 would be no position bias; 0 or 1 means it reads the position, "
+                  "not the answers).", ""]
+    lines += ["## Degeneration", "", "| model | distinct-1 | distinct-2 | repetition | degenerate | mean words |",
+              "|---|---|---|---|---|---|"]
+    for name, d in m["degeneration"].items():
+        lines.append(f"| {name} | {d['distinct1']:.2f} | {d['distinct2']:.2f} | {d['repetition_rate']:.2f} | "
+                     f"{d['degenerate_share']:.2f} | {d['mean_words']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def probe_shift_figure(m: Mapping[str, Any]) -> "matplotlib.figure.Figure":
+    """Bars of the base and trained probe means per criterion (``probe_shift.png``), from the metrics."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.subplots()
+    crits = list(m["probe"])
+    xs = range(len(crits))
+    ax.bar([x - 0.2 for x in xs], [m["probe"][c]["base"] for c in crits], width=0.4, label="base")
+    ax.bar([x + 0.2 for x in xs], [m["probe"][c]["trained"] for c in crits], width=0.4, label="trained")
+    ax.set_xticks(list(xs), crits)
+    ax.set_ylabel("mean standardised projection")
+    ax.axhline(0, color="0.5", lw=0.8)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+# ---- gamma calibration -----------------------------------------------------------------------------------
+
+
+def calibration_table(cal: Mapping[str, Any]) -> str:
+    """Markdown: mean score etc. per gamma, then the win-share matrix (rows gamma+, columns gamma-).
+
+    Args:
+        cal: ``gamma_pos``, ``gamma_neg``, ``per_gamma``, ``pairs`` and ``settings`` (with ``scorer``
+            and ``win_threshold``): `icon2_lens.CalibrationResult.to_dict`, i.e. ``calibration.json``.
+    """
+    gamma_pos, gamma_neg, per_gamma, pairs = cal["gamma_pos"], cal["gamma_neg"], cal["per_gamma"], cal["pairs"]
+    lines = ["| gamma | side | mean score | degenerate | distinct-2 |", "|---|---|---|---|---|"]
+    for r in per_gamma:
+        mark = " *" if r["gamma"] in (gamma_pos, gamma_neg) else ""
+        side = "+" if r["gamma"] > 0 else "-" if r["gamma"] < 0 else "0"
+        lines.append(f"| {r['gamma']:g}{mark} | {side} | {r['mean_score']:.3f} | {r['degenerate_share']:.2f} | "
+                     f"{r['distinct2']:.2f} |")
+    gn = sorted({p["gamma_neg"] for p in pairs}, reverse=True)
+    gp = sorted({p["gamma_pos"] for p in pairs})
+    win = {(p["gamma_pos"], p["gamma_neg"]): p["win_share"] for p in pairs}
+    lines += ["", "share of pairs with chosen > rejected (rows gamma+, columns gamma-):", "",
+              "| gamma+ \\ gamma- | " + " | ".join(f"{g:g}" for g in gn) + " |", "|---" * (len(gn) + 1) + "|"]
+    for p in gp:
+        cells = [f"**{win[(p, n)]:.2f}**" if (p, n) == (gamma_pos, gamma_neg) else f"{win[(p, n)]:.2f}" for n in gn]
+        lines.append(f"| {p:g} | " + " | ".join(cells) + " |")
+    lines.append(f"\nchosen: gamma+ = {gamma_pos:g}, gamma- = {gamma_neg:g} "
+                 f"(scorer {cal['settings']['scorer']}, win threshold {cal['settings']['win_threshold']})")
+    return "\n".join(lines)
+
+
+def calibration_figure(cal: Mapping[str, Any]) -> "matplotlib.figure.Figure":
+    """Mean score and degenerate share per gamma; win share per gamma- for the chosen gamma+.
+
+    Args:
+        cal: as for `calibration_table`.
+    """
+    from matplotlib.figure import Figure
+
+    gamma_pos, gamma_neg, per_gamma, settings = cal["gamma_pos"], cal["gamma_neg"], cal["per_gamma"], cal["settings"]
+    fig = Figure(figsize=(10, 3.4))
+    ax1, ax2 = fig.subplots(1, 2)
+    g = [r["gamma"] for r in per_gamma]
+    ax1.plot(g, [r["mean_score"] for r in per_gamma], marker="o", label="mean score")
+    ax1b = ax1.twinx()
+    ax1b.bar(g, [r["degenerate_share"] for r in per_gamma], width=0.008, color="tab:red", alpha=0.4,
+             label="degenerate share")
+    ax1b.set_ylim(0, 1)
+    ax1.axvline(gamma_pos, color="tab:green", ls="--", lw=1)
+    ax1.axvline(gamma_neg, color="tab:orange", ls="--", lw=1)
+    ax1.set_xlabel("gamma")
+    ax1.set_ylabel(f"mean score ({settings['scorer']})")
+    ax1b.set_ylabel("degenerate share")
+    ax1.set_title("score per gamma (dashed: chosen)")
+    rows = sorted((p for p in cal["pairs"] if p["gamma_pos"] == gamma_pos), key=lambda p: p["gamma_neg"])
+    ax2.plot([p["gamma_neg"] for p in rows], [p["win_share"] for p in rows], marker="o")
+    ax2.axhline(settings["win_threshold"], color="0.5", ls="--", lw=1)
+    ax2.set_ylim(-0.02, 1.02)
+    ax2.set_xlabel("gamma-")
+    ax2.set_ylabel("share chosen > rejected")
+    ax2.set_title(f"pairs at gamma+ = {gamma_pos:g}")
+    fig.tight_layout()
+    return fig
+
+
+# ---- layer report ----------------------------------------------------------------------------------------
+
+
+def _grid(x: Grid) -> Tensor:
+    """A ``[criterion, layer]`` float tensor; ``None`` in nested lists (``layer_report.json``) becomes NaN."""
+    if isinstance(x, Tensor):
+        return x
+    return torch.tensor([[float("nan") if v is None else float(v) for v in row] for row in x])
+
+
+def _layer_panels(heldout: Grid, paraphrase: Grid, response: Grid, stability: Grid | None) -> list[tuple[str, str, Tensor]]:
+    """(short name, title, data) per measure, in the report's order."""
+    panels = [("a", "(a) held-out stimuli", _grid(heldout)), ("b", "(b) paraphrased prompts", _grid(paraphrase)),
+              ("c", "(c) response pairs", _grid(response))]
+    if stability is not None:
+        panels.append(("stab", "split-half cosine", _grid(stability)))
+    return panels
+
+
+def _fmt(x: float) -> str:
+    return "-" if x != x else f"{x:.2f}"
+
+
+def _range_str(layers: Sequence[int]) -> str:
+    return f"{min(layers)}-{max(layers)}" if list(layers) == list(range(min(layers), max(layers) + 1)) else str(list(layers))
+
+
+def layer_table(criteria: Sequence[str], layers: Sequence[int], suggested_layers: Sequence[int], *, heldout: Grid,
+                paraphrase: Grid, response: Grid, stability: Grid | None = None) -> str:
+    """The layer report's Markdown table: one row per layer, one column per criterion and measure.
+
+    Args:
+        criteria: criterion names (rows of the grids).
+        layers: model layers (columns of the grids).
+        suggested_layers: marked with ``*`` and named below the table.
+        heldout: separation (a) ``[criterion, layer]``.
+        paraphrase: separation (b); NaN (or ``None``) shows as ``-``.
+        response: separation (c).
+        stability: optional split-half cosines (a ``stab`` column per criterion).
+    """
+    panels = _layer_panels(heldout, paraphrase, response, stability)
+    head = ["layer"] + [f"{c} {s}" for c in criteria for s, _, _ in panels]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for j, layer in enumerate(layers):
+        mark = "*" if layer in suggested_layers else ""
+        cells = [f"{layer}{mark}"]
+        for ci in range(len(criteria)):
+            cells += [_fmt(p[2][ci, j].item()) for p in panels]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"\\* suggested steering layers: {_range_str(suggested_layers)}")
+    return "\n".join(lines)
+
+
+def layer_figure(criteria: Sequence[str], layers: Sequence[int], suggested_layers: Sequence[int], *, heldout: Grid,
+                 paraphrase: Grid, response: Grid, stability: Grid | None = None) -> "matplotlib.figure.Figure":
+    """One panel per measure, one line per criterion, the suggested range shaded (arguments as `layer_table`)."""
+    from matplotlib.figure import Figure
+
+    panels = _layer_panels(heldout, paraphrase, response, stability)
+    fig = Figure(figsize=(4.2 * len(panels), 3.6))
+    axes = fig.subplots(1, len(panels), sharex=True, squeeze=False)[0]
+    lo, hi = min(suggested_layers), max(suggested_layers)
+    for ax, (_, title, data) in zip(axes, panels):
+        ax.axvspan(lo - 0.5, hi + 0.5, color="0.9", zorder=0, label="suggested")
+        for ci, c in enumerate(criteria):
+            ax.plot(layers, data[ci].numpy(), marker=".", label=c)
+        ax.set_title(title)
+        ax.set_xlabel("layer")
+        if "cosine" not in title:
+            ax.axhline(0.5, color="0.5", lw=0.8, ls="--")
+            ax.set_ylim(-0.02, 1.02)
+    axes[0].set_ylabel("separation (share of pairs ordered right)")
+    axes[-1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+# ---- scoring ---------------------------------------------------------------------------------------------
+
+
+def consistency_figure(criterion: Sequence[str], consistency: Sequence[float], *, names: Sequence[str] | None = None,
+                       selected: Mapping[str, Sequence[float]] | None = None,
+                       bins: int = 30) -> "matplotlib.figure.Figure":
+    """One histogram panel per criterion: consistency of the rows assigned to it, the selection cut drawn.
+
+    Args:
+        criterion: the assigned criterion per row.
+        consistency: the consistency per row.
+        names: the panels, in order (default: the criteria in order of first appearance).
+        selected: the consistencies of the selected rows per criterion; a panel's cut is the lowest
+            of its criterion's (with a global rule it is the same line in every panel).
+        bins: histogram bins, shared by all panels (their edges span every row exactly).
+    """
+    from matplotlib.figure import Figure
+
+    crit, cons = list(criterion), list(consistency)
+    names = list(names) if names else sorted(set(crit), key=crit.index)
+    fig = Figure(figsize=(3.6 * len(names), 3.0))
+    axes = fig.subplots(1, len(names), squeeze=False, sharey=True)[0]
+    lo, hi = min(cons), max(cons)
+    edges = torch.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1, dtype=torch.float64).tolist()
+    edges[0], edges[-1] = lo, max(hi, edges[-1])  # exact ends: every row falls in a bin
+    sel_cons = dict(selected or {})
+    for ax, name in zip(axes, names):
+        vals = [v for c, v in zip(crit, cons) if c == name]
+        ax.hist(vals, bins=edges, color="tab:blue", alpha=0.8)
+        if sel_cons.get(name):
+            ax.axvline(min(sel_cons[name]), color="tab:red", ls="--", lw=1.2,
+                       label=f"kept: {len(sel_cons[name])}")
+            ax.legend(fontsize=8)
+        ax.set_title(f"{name} (n={len(vals)})")
+        ax.set_xlabel("consistency")
+    axes[0].set_ylabel("instructions")
+    fig.tight_layout()
+    return fig
+
+
+# ---- costs -----------------------------------------------------------------------------------------------
+
+_COST_FIELDS = ("stage", "prompt_tokens", "generated_tokens", "forward_passes", "wall_seconds", "peak_rss_mib", "rows")
+
+
+def _cost_row(c: Any) -> dict[str, Any]:
+    if isinstance(c, Mapping):
+        return {k: c.get(k) for k in _COST_FIELDS}
+    return {k: getattr(c, k) for k in _COST_FIELDS}
+
+
+def cost_table(costs: Sequence[Any], *, per: tuple[str, int] | None = None) -> str:
+    """A Markdown table of stage costs with a total row, and optionally the cost per output row.
+
+    Args:
+        costs: one row per stage, in order: a dict (``costs.json``) or a `icon2_lens.StageCost`, with
+            ``stage``, ``prompt_tokens``, ``generated_tokens``, ``forward_passes``, ``wall_seconds``,
+            ``peak_rss_mib`` and ``rows`` (``None``: blank).
+        per: ``(name, count)``, e.g. ``("kept pair", 24)``: adds a row dividing the total by ``count``.
+    """
+    rows = [_cost_row(c) for c in costs]
+    head = ("| stage | prompt tokens | generated tokens | forward passes | wall s | peak RSS MiB | rows |\n"
+            "|---|---|---|---|---|---|---|\n")
+    lines = [f"| {c['stage']} | {c['prompt_tokens']:,} | {c['generated_tokens']:,} | {c['forward_passes']:,} | "
+             f"{c['wall_seconds']:.1f} | {c['peak_rss_mib']:.0f} | {'' if c['rows'] is None else c['rows']} |"
+             for c in rows]
+    tp, tg, tf = (sum(c[k] for c in rows) for k in ("prompt_tokens", "generated_tokens", "forward_passes"))
+    tw = sum(c["wall_seconds"] for c in rows)
+    peak = max((c["peak_rss_mib"] for c in rows), default=0.0)
+    lines.append(f"| **total** | {tp:,} | {tg:,} | {tf:,} | {tw:.1f} | {peak:.0f} | |")
+    if per is not None and per[1] > 0:
+        n = per[1]
+        lines.append(f"| per {per[0]} ({n}) | {tp / n:,.0f} | {tg / n:,.0f} | {tf / n:,.1f} | {tw / n:.2f} | | |")
+    return head + "\n".join(lines) + "\n"

@@ -1,0 +1,192 @@
+"""reports: every Markdown table and figure, on hand-made plain data. No model."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from icon2_lens import reports
+from icon2_lens.calibration import CalibrationResult
+from icon2_lens.layers import LayerReport
+from icon2_lens.runs.costs import StageCost
+from icon2_lens.runs.costs import cost_table as runs_cost_table
+
+NAN = float("nan")
+
+
+def test_reports_imports_no_stage_module():
+    """reports sits below the stages: only torch, matplotlib and the standard library."""
+    tree = ast.parse(Path(reports.__file__).read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"reports imports a package module: {node.module}"
+            found.add((node.module or "").split(".")[0])
+    assert found - set(sys.stdlib_module_names) <= {"torch", "matplotlib", "__future__"}
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------
+
+METRICS = {
+    "n": 2, "models": {"base": "base-m", "trained": "trained-m"},
+    "probe": {"helpful": {"base": 0.1, "trained": 0.25, "shift": 0.15}},
+    "judge": {"name": "fake", "win": 0.5, "tie": 0.5, "loss": 0.0, "first_position_share": 0.75},
+    "degeneration": {"base": {"distinct1": 0.5, "distinct2": 0.75, "repetition_rate": 0.125, "degenerate_share": 0.0,
+                              "mean_words": 12.4}},
+}
+
+
+def test_evaluation_markdown():
+    assert reports.evaluation_markdown(METRICS) == """\
+# Evaluation: trained-m vs base-m (2 held-out instructions)
+
+## Probe shift (mean standardised projection on the base model's directions)
+
+| criterion | base | trained | shift |
+|---|---|---|---|
+| helpful | 0.100 | 0.250 | +0.150 |
+
+## Pairwise judge (fake, both orders; a flip is a tie)
+
+| win | tie | loss |
+|---|---|---|
+| 0.50 | 0.50 | 0.00 |
+
+The judge picked the response shown first in 0.75 of its 4 verdicts (0.5 would be no position bias; 0 or 1 \
+means it reads the position, not the answers).
+
+## Degeneration
+
+| model | distinct-1 | distinct-2 | repetition | degenerate | mean words |
+|---|---|---|---|---|---|
+| base | 0.50 | 0.75 | 0.12 | 0.00 | 12 |
+"""
+    no_share = {**METRICS, "judge": {**METRICS["judge"], "first_position_share": None}}
+    assert "shown first" not in reports.evaluation_markdown(no_share)
+
+
+def test_probe_shift_figure():
+    fig = reports.probe_shift_figure(METRICS)
+    assert isinstance(fig, Figure) and len(fig.axes) == 1
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["helpful"]
+
+
+# ---- calibration -----------------------------------------------------------------------------------------
+
+CAL = {"gamma_pos": 0.1, "gamma_neg": -0.1,
+       "per_gamma": [{"gamma": -0.1, "mean_score": -1.0, "degenerate_share": 0.5, "distinct2": 0.8, "n": 2},
+                     {"gamma": 0.1, "mean_score": 0.5, "degenerate_share": 0.0, "distinct2": 0.9, "n": 2}],
+       "pairs": [{"gamma_pos": 0.1, "gamma_neg": -0.1, "win_share": 1.0}],
+       "settings": {"scorer": "probe", "win_threshold": 0.9}}
+
+
+def test_calibration_table():
+    assert reports.calibration_table(CAL) == """\
+| gamma | side | mean score | degenerate | distinct-2 |
+|---|---|---|---|---|
+| -0.1 * | - | -1.000 | 0.50 | 0.80 |
+| 0.1 * | + | 0.500 | 0.00 | 0.90 |
+
+share of pairs with chosen > rejected (rows gamma+, columns gamma-):
+
+| gamma+ \\ gamma- | -0.1 |
+|---|---|
+| 0.1 | **1.00** |
+
+chosen: gamma+ = 0.1, gamma- = -0.1 (scorer probe, win threshold 0.9)"""
+
+
+def test_calibration_result_delegates():
+    res = CalibrationResult(**{k: CAL[k] for k in ("gamma_pos", "gamma_neg", "per_gamma", "pairs", "settings")})
+    assert res.table() == reports.calibration_table(CAL)
+    fig = res.figure()
+    assert isinstance(fig, Figure) and len(fig.axes) == 3  # score panel, its twin (degenerate share), win share
+    assert fig.axes[1].get_title() == "pairs at gamma+ = 0.1"
+
+
+# ---- layer report ----------------------------------------------------------------------------------------
+
+GRIDS = {"heldout": torch.tensor([[1.0, 0.9, 0.8]]), "paraphrase": torch.tensor([[NAN, 0.6, 0.7]]),
+         "response": torch.tensor([[0.4, 0.55, 0.65]])}
+
+
+def test_layer_table():
+    assert reports.layer_table(["helpful"], [0, 1, 2], [1, 2], **GRIDS) == """\
+| layer | helpful a | helpful b | helpful c |
+|---|---|---|---|
+| 0 | 1.00 | - | 0.40 |
+| 1* | 0.90 | 0.60 | 0.55 |
+| 2* | 0.80 | 0.70 | 0.65 |
+
+\\* suggested steering layers: 1-2"""
+    with_stab = reports.layer_table(["helpful"], [0, 1, 2], [0, 2], **GRIDS, stability=torch.tensor([[0.9, 0.8, 0.7]]))
+    assert with_stab.splitlines()[0] == "| layer | helpful a | helpful b | helpful c | helpful stab |"
+    assert with_stab.splitlines()[2] == "| 0* | 1.00 | - | 0.40 | 0.90 |"
+    assert with_stab.endswith("suggested steering layers: [0, 2]")
+
+
+def test_layer_table_reads_json_lists():
+    """``layer_report.json`` stores NaN as null: the same table from nested lists."""
+    as_lists = {k: [[None if v != v else v for v in row] for row in t.tolist()] for k, t in GRIDS.items()}
+    assert reports.layer_table(["helpful"], [0, 1, 2], [1, 2], **as_lists) == reports.layer_table(
+        ["helpful"], [0, 1, 2], [1, 2], **GRIDS)
+
+
+@pytest.mark.parametrize("stability", [None, torch.tensor([[0.9, 0.8, 0.7]])])
+def test_layer_report_delegates(stability):
+    rep = LayerReport(criteria=["helpful"], layers=[0, 1, 2], suggested_layers=[1, 2], counts={},
+                      stability=stability, **GRIDS)
+    assert rep.table() == reports.layer_table(["helpful"], [0, 1, 2], [1, 2], **GRIDS, stability=stability)
+    fig = rep.figure()
+    assert isinstance(fig, Figure) and len(fig.axes) == (3 if stability is None else 4)
+    assert [ax.get_title() for ax in fig.axes][:3] == ["(a) held-out stimuli", "(b) paraphrased prompts",
+                                                        "(c) response pairs"]
+
+
+# ---- consistency histogram -------------------------------------------------------------------------------
+
+
+def test_consistency_figure():
+    crit = ["x", "y", "x", "y", "x"]
+    cons = [0.1, 0.5, 0.3, 0.9, 0.2]
+    fig = reports.consistency_figure(crit, cons, names=["y", "x", "z"], selected={"x": [0.3], "y": [0.5, 0.9]}, bins=4)
+    assert isinstance(fig, Figure) and len(fig.axes) == 3
+    assert [ax.get_title() for ax in fig.axes] == ["y (n=2)", "x (n=3)", "z (n=0)"]
+    counts = [sum(p.get_height() for p in ax.patches) for ax in fig.axes]
+    assert counts == [2, 3, 0]  # every row in a bin
+    assert [list(ax.lines[0].get_xdata()) for ax in fig.axes[:2]] == [[0.5, 0.5], [0.3, 0.3]]  # the cuts
+    assert not fig.axes[2].lines
+    default = reports.consistency_figure(crit, cons)  # panels in order of first appearance, no cut
+    assert [ax.get_title() for ax in default.axes] == ["x (n=3)", "y (n=2)"] and not default.axes[0].lines
+
+
+# ---- costs -----------------------------------------------------------------------------------------------
+
+COSTS = [{"stage": "extract", "prompt_tokens": 1234, "generated_tokens": 0, "forward_passes": 3,
+          "wall_seconds": 1.25, "peak_rss_mib": 500.4, "rows": None},
+         {"stage": "generate", "prompt_tokens": 100, "generated_tokens": 5678, "forward_passes": 40,
+          "wall_seconds": 12.5, "peak_rss_mib": 612.6, "rows": 24}]
+
+
+def test_cost_table():
+    assert reports.cost_table(COSTS, per=("kept pair", 24)) == """\
+| stage | prompt tokens | generated tokens | forward passes | wall s | peak RSS MiB | rows |
+|---|---|---|---|---|---|---|
+| extract | 1,234 | 0 | 3 | 1.2 | 500 |  |
+| generate | 100 | 5,678 | 40 | 12.5 | 613 | 24 |
+| **total** | 1,334 | 5,678 | 43 | 13.8 | 613 | |
+| per kept pair (24) | 56 | 237 | 1.8 | 0.57 | | |
+"""
+
+
+def test_cost_table_takes_stage_costs_and_the_old_name_delegates():
+    stage_costs = [StageCost(**c) for c in COSTS]
+    assert reports.cost_table(stage_costs) == reports.cost_table(COSTS) == runs_cost_table(stage_costs)
+    assert runs_cost_table(stage_costs, per=("pair", 2)) == reports.cost_table(COSTS, per=("pair", 2))
