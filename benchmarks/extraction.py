@@ -166,7 +166,7 @@ def run_repeng(hf: Any, tokenizer: Any, stimuli: list[dict], n_layers: int, batc
 def memory_child(n: int, batch_size: int, method: str) -> None:
     """Load the model, then report the peak RSS of one extraction on ``n`` instructions (JSON line)."""
     model = il.load_model()
-    instructions = il.builtin_instructions()[:n]
+    instructions = il.instructions.builtin_instructions()[:n]
     if len(instructions) < n:
         raise SystemExit(f"only {len(instructions)} built-in instructions; asked for {n}")
     res = peak_rss_of(lambda: il.extract_directions(model, il.DEFAULT_CRITERIA, instructions, batch_size=batch_size,
@@ -218,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf.eval()
     tok = model.tokenizer
     criteria = list(il.DEFAULT_CRITERIA)
-    instructions = il.builtin_instructions()[: args.n]
+    instructions = il.instructions.builtin_instructions()[: args.n]
     stimuli = build_stimuli(tok, criteria, instructions)
     warm_stimuli = build_stimuli(tok, criteria[:1], instructions[:2])
     L = model.n_layers

@@ -10,7 +10,7 @@ row (``min_new_tokens = max_new_tokens``, so every side produces the same number
    ``generate`` tokens/s (a separate ``model.hf_model()``, default sdpa attention, no hooks), same
    batch. Goal >= 0.95.
 2. pairs/s of one fused batch (chosen and rejected rows of ``k`` instructions together, per-row
-   gamma, ``il.generate_steered``) / pairs/s of two sequential passes (``k`` chosen rows, then ``k``
+   gamma, ``il.pairs.generate_steered``) / pairs/s of two sequential passes (``k`` chosen rows, then ``k``
    rejected rows). Goal >= 1.7.
 3. tokens/s of the TransformerBridge path (``bridge.generate`` with TransformerLens hooks) / the
    fast path. Reported (the fast path is the default for bulk generation).
@@ -57,9 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = il.load_model()
     tok = model.tokenizer
     # directions: a small extraction (not timed); steering layers 15-24, the suggested range on SmolLM2
-    dirs = il.extract_directions(model, il.DEFAULT_CRITERIA, il.builtin_instructions()[:16], progress=False)
+    dirs = il.extract_directions(model, il.DEFAULT_CRITERIA, il.instructions.builtin_instructions()[:16], progress=False)
     layers = list(range(15, 25))
-    instr = il.builtin_instructions("heldout")[: args.batch]
+    instr = il.instructions.builtin_instructions("heldout")[: args.batch]
     prompts = [render_chat(tok, q) for q in instr]
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     input_ids, mask = left_pad(ids, int(tok.pad_token_id))
@@ -86,17 +86,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          verbose=False, prepend_bos=False)
 
     k = args.batch
-    pair_prompts = [render_chat(tok, q) for q in il.builtin_instructions("heldout")[:k]]
+    pair_prompts = [render_chat(tok, q) for q in il.instructions.builtin_instructions("heldout")[:k]]
     pcrits = [dirs.criteria[i % len(dirs.criteria)] for i in range(k)]
     common = dict(directions=dirs, layers=layers, max_new_tokens=args.tokens, repetition_penalty=1.1)
 
     def run_fused():
-        return il.generate_steered(model, pair_prompts + pair_prompts, criteria=pcrits + pcrits,
+        return il.pairs.generate_steered(model, pair_prompts + pair_prompts, criteria=pcrits + pcrits,
                                    gammas=[args.gamma] * k + [-args.gamma / 2] * k, **common)
 
     def run_sequential():
-        a = il.generate_steered(model, pair_prompts, criteria=pcrits, gammas=[args.gamma] * k, **common)
-        b = il.generate_steered(model, pair_prompts, criteria=pcrits, gammas=[-args.gamma / 2] * k, **common)
+        a = il.pairs.generate_steered(model, pair_prompts, criteria=pcrits, gammas=[args.gamma] * k, **common)
+        b = il.pairs.generate_steered(model, pair_prompts, criteria=pcrits, gammas=[-args.gamma / 2] * k, **common)
         return a + b
 
     sides = {"plain_hf": run_plain, "steered_fast": run_steered, "steered_bridge": run_bridge,

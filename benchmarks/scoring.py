@@ -46,7 +46,7 @@ _PACKAGES = ("icon2-lens", "torch", "transformers", "transformer-lens", "dataset
 
 def instructions_for(n: int) -> list[str]:
     """``n`` distinct instructions: the built-in ones, then numbered variants of them."""
-    base = il.builtin_instructions("all")
+    base = il.instructions.builtin_instructions("all")
     return [base[i % len(base)] if i < len(base) else f"{base[i % len(base)]} (variant {i // len(base)})"
             for i in range(n)]
 
@@ -99,7 +99,7 @@ def memory_child(n: int, batch_size: int) -> None:
     """
     model = il.load_model()
     dirs = directions_for(model)
-    base = il.builtin_instructions("all")[:256]
+    base = il.instructions.builtin_instructions("all")[:256]
     instr = (base * (n // len(base) + 1))[:n]
     longest = sorted(base, key=len)[-batch_size:]
     il.score_instructions(model, dirs, longest, batch_size=batch_size, progress=False)

@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-length", type=int, default=PRESETS["demo"]["max_length"])
     ap.add_argument("--batch-size", type=int, default=PRESETS["demo"]["batch_size"])
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    ap.add_argument("--steps", type=int, default=6, help="timed steps (median)")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps (median)")
     ap.add_argument("--with-bf16", action="store_true", help="measure bf16 even on a CPU without native bf16")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = ap.parse_args(argv)

@@ -54,7 +54,7 @@ def test_synthesize_writes_continues_and_overwrites(tiny_model, tiny_model_dir, 
                                      out=tmp_path / "ref")
     strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(raw) == strip(_lines(tmp_path / "ref" / "raw.jsonl"))
-    assert il.synthesis_report(ref)["dropped"] == report["dropped"]
+    assert il.synthesis.synthesis_report(ref)["dropped"] == report["dropped"]
 
     # a rerun continues the run: nothing new to generate
     assert _synth(tiny_model_dir, out) == 0

@@ -70,7 +70,7 @@ def test_extraction_equals_reading_then_tensor_math(tiny_model, method):
     tok = tiny_model.tokenizer
     pos = il.read_last_token(tiny_model, stimulus_texts(tok, crit.positive, INSTRUCTIONS), progress=False)
     neg = il.read_last_token(tiny_model, stimulus_texts(tok, crit.negative, INSTRUCTIONS), progress=False)
-    u, stats = il.directions_from_activations(pos, neg, method=method)
+    u, stats = il.directions.directions_from_activations(pos, neg, method=method)
     torch.testing.assert_close(got.vectors[0], u, atol=1e-4, rtol=0)
     for k in stats:
         torch.testing.assert_close(got.stats[k][0], stats[k], atol=1e-4, rtol=1e-4, msg=k)

@@ -12,18 +12,18 @@ ITEMS = ["Write a haiku.", "Explain DNS.", "Name a river."]
 
 
 def test_builtin_set():
-    items = il.builtin_instructions()
+    items = il.instructions.builtin_instructions()
     assert len(set(items)) >= 256
     assert len(set(items)) == len(items)  # no duplicates
     assert all(x == x.strip() and x for x in items)
     assert il.load_instructions("default") == items
     assert il.load_instructions("default", limit=5) == items[:5]
     with pytest.raises(ValueError, match="Unknown built-in"):
-        il.builtin_instructions("nope")
+        il.instructions.builtin_instructions("nope")
 
 
 def test_builtin_sets_split_feature_and_heldout():
-    feature, heldout, every = (il.builtin_instructions(n) for n in ("default", "heldout", "all"))
+    feature, heldout, every = (il.instructions.builtin_instructions(n) for n in ("default", "heldout", "all"))
     assert (len(feature), len(heldout)) == (256, 64)
     assert every == feature + heldout
     assert not set(feature) & set(heldout)

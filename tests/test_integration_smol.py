@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def instructions():
-    return il.builtin_instructions()
+    return il.instructions.builtin_instructions()
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_synthesis_gives_clean_distinct_instructions(smol, synthesized):
     from icon2_lens.synthesis import normalize_text
 
     ds, out = synthesized
-    report = il.synthesis_report(ds)
+    report = il.synthesis.synthesis_report(ds)
     assert report["generated"] == 16 and report["kept"] == len(ds) > 0
     assert report["kept"] + sum(report["dropped"].values()) == 16
     texts = ds["instruction"]
@@ -120,7 +120,7 @@ def test_synthesis_gives_clean_distinct_instructions(smol, synthesized):
         assert not any(s in t for s in special), t  # no template debris
         assert "<|" not in t and not t.lower().startswith(("assistant", "user", "system")), t
     # the pre-query template kept SmolLM2's default system prompt
-    assert "SmolLM" in il.pre_query_template(smol.tokenizer).prefix
+    assert "SmolLM" in il.prompts.pre_query_template(smol.tokenizer).prefix
     assert len(il.load_instructions(out)) == len(ds)  # the output folder loads as an instruction source
 
 
@@ -148,11 +148,11 @@ def test_steered_generation_fast_path_equals_bridge_and_pairs_differ(smol, instr
     dirs = il.extract_directions(smol, ["helpful"], instructions[:8], batch_size=16, progress=False)
     prompts = [render_chat(smol.tokenizer, q) for q in ("How do I make a cup of tea?", "Name three rivers.")]
     kw = dict(directions=dirs, criteria="helpful", gammas=[0.1, -0.1], layers=range(15, 25), max_new_tokens=12)
-    fast = il.generate_steered(smol, prompts, **kw)
-    bridge = il.generate_steered(smol, prompts, path="bridge", **kw)
+    fast = il.pairs.generate_steered(smol, prompts, **kw)
+    bridge = il.pairs.generate_steered(smol, prompts, path="bridge", **kw)
     assert [r["text"] for r in fast] == [r["text"] for r in bridge]
     pairs = il.generate_pairs(smol, dirs, [{"instruction": "How do I make a cup of tea?", "criterion": "helpful"}],
-                              layers=range(15, 25), max_new_tokens=16, progress=False)
+                              il.PairsConfig(max_new_tokens=16), layers=range(15, 25), progress=False)
     assert pairs[0]["chosen"][0]["content"] != pairs[0]["rejected"][0]["content"]
     assert pairs[0]["prompt"] == [{"role": "user", "content": "How do I make a cup of tea?"}]
 
@@ -160,7 +160,7 @@ def test_steered_generation_fast_path_equals_bridge_and_pairs_differ(smol, instr
 def test_generation_costs_count_the_real_generated_tokens(smol):
     prompts = [il.render_chat(smol.tokenizer, q) for q in ("Say hi.", "Write a long story about a dragon.")]
     with il.measure_costs("gen", smol) as meter:
-        rows = il.generate_steered(smol, prompts, max_new_tokens=40)
+        rows = il.pairs.generate_steered(smol, prompts, max_new_tokens=40)
     assert rows[0]["finished"] and rows[0]["n_tokens"] < 40 <= rows[1]["n_tokens"]  # one stops early
     assert meter.costs.generated_tokens == sum(r["n_tokens"] for r in rows)
     assert meter.costs.forward_passes == 40
@@ -183,7 +183,7 @@ def test_pipeline_tiny_config_end_to_end(smol, tmp_path):
     assert main(["run", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 0
     report = (out / "report.md").read_text()
     assert "per kept pair (2)" in report and "Probe shift" in report and "| win | tie | loss |" in report
-    costs = {s: il.load_costs(out / s) for s in ("extract", "layers", "synthesize", "score", "generate", "train",
+    costs = {s: il.runs.load_costs(out / s) for s in ("extract", "layers", "synthesize", "score", "generate", "train",
                                                  "evaluate")}
     assert costs["generate"].rows == 2 and costs["generate"].generated_tokens > 0
     assert costs["synthesize"].generated_tokens > 0 and costs["train"].forward_passes == 2

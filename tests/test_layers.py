@@ -163,7 +163,7 @@ def test_report_table_save_apply(dirs, report, tmp_path):
 def test_report_with_stability_and_custom_criterion(tiny_model, tmp_path):
     crit = il.Criterion("concise", "Answer in one short sentence.", "Answer at great length with many digressions.")
     d = il.extract_directions(tiny_model, [crit], INSTRUCTIONS, batch_size=6, progress=False)
-    stab = il.split_half_stability(tiny_model, d, INSTRUCTIONS, batch_size=6, progress=False)
+    stab = il.layers.split_half_stability(tiny_model, d, INSTRUCTIONS, batch_size=6, progress=False)
     rep = il.layer_report(tiny_model, d, heldout=HELDOUT, stability=stab, progress=False)  # default paraphrases: none
     assert torch.isnan(rep.paraphrase).all() and torch.isnan(rep.response).all()
     assert rep.suggested_layers == suggest_layer_range(rep.heldout.mean(0))  # falls back to (a)
@@ -179,11 +179,11 @@ def test_report_refuses_other_model(other_tiny_model, dirs):
 
 
 def test_default_heldout_skips_used_instructions(dirs):
-    builtin = il.builtin_instructions()
+    builtin = il.instructions.builtin_instructions()
     used = dirs.with_meta(instruction_hashes=[instruction_hash(x) for x in builtin[:5]])
     assert _default_heldout(used, 3) == builtin[5:8]
     assert _default_heldout(dirs, 2) == builtin[:2]
-    all_used = dirs.with_meta(instruction_hashes=[instruction_hash(x) for x in il.builtin_instructions("all")])
+    all_used = dirs.with_meta(instruction_hashes=[instruction_hash(x) for x in il.instructions.builtin_instructions("all")])
     with pytest.raises(ValueError, match="held out"):
         _default_heldout(all_used, 3)
 
@@ -198,10 +198,10 @@ def test_documented_default_flow_extract_then_report(tiny_model):
 
 
 def test_split_half_stability_shape_range_and_halves(tiny_model, dirs):
-    stab = il.split_half_stability(tiny_model, ["helpful", "honest"], INSTRUCTIONS, batch_size=6, progress=False)
+    stab = il.layers.split_half_stability(tiny_model, ["helpful", "honest"], INSTRUCTIONS, batch_size=6, progress=False)
     assert stab.shape == (2, tiny_model.n_layers)
     assert ((stab >= -1 - 1e-5) & (stab <= 1 + 1e-5)).all()
-    assert torch.equal(il.split_half_stability(tiny_model, dirs, INSTRUCTIONS, batch_size=6, progress=False), stab)
+    assert torch.equal(il.layers.split_half_stability(tiny_model, dirs, INSTRUCTIONS, batch_size=6, progress=False), stab)
     # equals extracting from the two halves separately
     perm = torch.randperm(len(INSTRUCTIONS), generator=torch.Generator().manual_seed(0)).tolist()
     half_a = [INSTRUCTIONS[i] for i in perm[: len(perm) // 2]]
@@ -218,7 +218,7 @@ def test_stability_in_the_extraction_pass(tiny_model, dirs):
     torch.testing.assert_close(one.vectors, plain.vectors, atol=1e-5, rtol=0)  # merged halves == full set
     for k in plain.stats:
         torch.testing.assert_close(one.stats[k], plain.stats[k], atol=1e-4, rtol=1e-4, msg=k)
-    two_pass = il.split_half_stability(tiny_model, plain, INSTRUCTIONS, batch_size=6, progress=False)
+    two_pass = il.layers.split_half_stability(tiny_model, plain, INSTRUCTIONS, batch_size=6, progress=False)
     torch.testing.assert_close(one.stats["stability"], two_pass, atol=1e-5, rtol=0)
     assert one.meta["stability_split"] == {"seed": 0, "halves": [len(INSTRUCTIONS) // 2, len(INSTRUCTIONS) - len(INSTRUCTIONS) // 2]}
     rep = il.layer_report(tiny_model, one, heldout=HELDOUT, paraphrases={}, progress=False)
@@ -243,7 +243,7 @@ def test_figure_leaves_matplotlib_state_alone(report, tmp_path):
 
 def test_split_half_needs_four_instructions(tiny_model):
     with pytest.raises(ValueError, match="at least 4"):
-        il.split_half_stability(tiny_model, ["helpful"], INSTRUCTIONS[:3], progress=False)
+        il.layers.split_half_stability(tiny_model, ["helpful"], INSTRUCTIONS[:3], progress=False)
 
 
 def test_builtin_layer_data():

@@ -39,10 +39,20 @@ def dirs(tiny_model):
     return d.with_meta(suggested_layers=LAYERS)
 
 
+RUN_KEYS = ("gamma_pos", "gamma_neg", "layers", "seed", "out", "progress", "shard")
+
+
+def _split(opts):
+    """generate_pairs keywords (run options and gamma/layer overrides) and PairsConfig fields."""
+    cfg = {("engine" if k == "path" else k): v for k, v in opts.items() if k not in RUN_KEYS}
+    return {k: v for k, v in opts.items() if k in RUN_KEYS}, il.PairsConfig(**cfg)
+
+
 def _gen(model, d, table, **kw):
     opts = dict(gamma_pos=GP, gamma_neg=GN, max_new_tokens=4, batch_size=2, progress=False)
     opts.update(kw)
-    return generate_pairs(model, d, table, **opts)
+    run, cfg = _split(opts)
+    return generate_pairs(model, d, table, cfg, **run)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from test_pairs import TABLE as PAIRS_TABLE
 
 # Varied lengths, so the length-sorted scoring batches differ from input order; 40 rows with batch size 1
 # are two chunks of 32 (batches are numbered across chunks).
-TO_SCORE = il.builtin_instructions("heldout")[:40]
+TO_SCORE = il.instructions.builtin_instructions("heldout")[:40]
 TABLE = [*PAIRS_TABLE, {"instruction": "What is 2+2?", "criterion": "honest", "consistency": 0.5}]  # 7 rows: an odd last batch
 TIMING = {"generation_seconds", "generated_per_second", "kept_per_second", "wall_seconds_this_call"}
 
@@ -113,19 +113,19 @@ def test_score_shards_merged_equal_unsharded(tiny_model, dirs, tmp_path, batch_s
     folders = []
     for i, p in enumerate(parts):
         folders.append(tmp_path / f"s{i}")
-        assert [x.name for x in il.save_scores(p, folders[-1])] == ["scores.jsonl", "shard.json"]
+        assert [x.name for x in il.scoring.save_scores(p, folders[-1])] == ["scores.jsonl", "shard.json"]
         assert sorted(x.name for x in folders[-1].iterdir()) == ["scores.jsonl", "shard.json"]
     merged = il.merge_shards("score", folders[::-1], out=tmp_path / "merged", top_k=5, balance_criteria=True)
     assert merged.to_list() == ref.to_list()
     assert json.loads(merged.info.description) == json.loads(ref.info.description)
-    il.save_scores(ref, tmp_path / "ref", top_k=5, balance_criteria=True)
+    il.scoring.save_scores(ref, tmp_path / "ref", top_k=5, balance_criteria=True)
     assert _files(tmp_path / "merged") == _files(tmp_path / "ref")  # scores, selection, report, histogram
 
 
 def test_shard_scores_are_not_selected_on_their_own(tiny_model, dirs, tmp_path):
     part = il.score_instructions(tiny_model, dirs, TO_SCORE[:4], batch_size=2, progress=False, shard=(0, 2))
     with pytest.raises(ValueError, match="merge"):
-        il.save_scores(part, tmp_path / "s", top_k=1)
+        il.scoring.save_scores(part, tmp_path / "s", top_k=1)
     assert not (tmp_path / "s").exists()
     with pytest.raises(ValueError, match="out of range"):
         il.score_instructions(tiny_model, dirs, TO_SCORE[:4], progress=False, shard=(2, 2))
@@ -140,7 +140,7 @@ def score_shards(tiny_model, dirs, tmp_path_factory):
 
     def make(name, shard, texts=TO_SCORE[:8], **kw):
         t = il.score_instructions(tiny_model, dirs, texts, batch_size=2, progress=False, shard=shard, **kw)
-        il.save_scores(t, root / name)
+        il.scoring.save_scores(t, root / name)
         return root / name
 
     return {"0/2": make("a0", (0, 2)), "1/2": make("a1", (1, 2)), "1/3": make("b1", (1, 3)),
@@ -200,7 +200,9 @@ def test_merge_refuses_tampered_indices(score_shards, tmp_path):
 def _gen(model, d, table=TABLE, **kw):
     opts = dict(gamma_pos=1.0, gamma_neg=-1.0, max_new_tokens=4, batch_size=2, do_sample=True, seed=7,
                 progress=False)
-    return il.generate_pairs(model, d, table, **{**opts, **kw})
+    run = {k: v for k, v in {**opts, **kw}.items() if k in ("gamma_pos", "gamma_neg", "seed", "out", "progress", "shard")}
+    cfg = il.PairsConfig(**{k: v for k, v in {**opts, **kw}.items() if k not in run})
+    return il.generate_pairs(model, d, table, cfg, **run)
 
 
 def test_generate_shards_merged_equal_unsharded(tiny_model, dirs, tmp_path):
@@ -216,7 +218,7 @@ def test_generate_shards_merged_equal_unsharded(tiny_model, dirs, tmp_path):
     for name in ("pairs.jsonl", "generation.json"):
         assert (tmp_path / "merged" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
     report = json.loads((tmp_path / "merged" / "report.json").read_text())
-    assert report == il.pair_report(ref) and "win_share" not in report
+    assert report == il.evaluation.pair_report(ref) and "win_share" not in report
     # the merged folder is a finished unsharded run: rerunning it generates nothing
     again = _gen(tiny_model, dirs, out=tmp_path / "merged")
     assert again.to_list() == ref.to_list()

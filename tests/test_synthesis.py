@@ -162,7 +162,7 @@ def test_pre_query_stop_token_is_not_ordinary_text():
 
 
 def test_pre_query_of_tiny_model(tiny_model):
-    pq = il.pre_query_template(tiny_model.tokenizer)
+    pq = il.prompts.pre_query_template(tiny_model.tokenizer)
     assert pq.prefix == "<s><|im_start|>user\n" and pq.end_of_turn == "<|im_end|>\n"
     assert pq.end_of_turn_id == tiny_model.tokenizer.convert_tokens_to_ids("<|im_end|>")
 

@@ -1,5 +1,5 @@
-"""train_dpo on the tiny model (the DPO loss on its training pairs falls, the folder opens with load_model); the
-precision chosen from the hardware; TrainConfig validation."""
+"""train_dpo / train on the tiny model (the DPO and SimPO losses on the training pairs fall, the folder opens with
+load_model); the precision chosen from the hardware; TrainConfig validation; the CLI."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import icon2_lens as il
 import icon2_lens.training as training
 from icon2_lens.cli import main
-from icon2_lens.training import TrainConfig, choose_precision, load_train_log, train_dpo
+from icon2_lens.training import TrainConfig, choose_precision, load_train_log, train, train_dpo
 
 PAIRS = [
     {"prompt": [{"role": "user", "content": f"Question number {i}?"}],
@@ -166,7 +166,7 @@ def test_train_config_defaults_and_types():
     c = TrainConfig()
     assert (c.objective, c.preset, c.precision, c.gradient_checkpointing, c.lora, c.max_steps) == (
         "dpo", "demo", "auto", False, False, -1)
-    assert c.hyperparameters() == training.PRESETS["demo"]
+    assert c.hyperparameters() == {k: v for k, v in training.PRESETS["demo"].items() if not k.startswith("simpo")}
     assert TrainConfig(preset="paper", learning_rate=1e-6).hyperparameters()["learning_rate"] == 1e-6
     hints = typing.get_type_hints(TrainConfig)  # works under `from __future__ import annotations`
     assert hints["precision"] == typing.Literal["auto", "fp32", "bf16"]
@@ -223,3 +223,100 @@ def test_explicit_precision_and_checkpointing(tiny_model_dir, tmp_path, avx2_onl
     assert "gradient checkpointing on" in out
     cfg = json.loads((res.output_dir / "train_config.json").read_text())
     assert cfg["precision"] == "bf16" and cfg["gradient_checkpointing"] is True
+
+
+# ---------------------------------------------------------------------------------------------- SimPO
+
+
+@pytest.fixture
+def cpo_args(monkeypatch):
+    """The config object TRL's CPOTrainer receives (``cpo_args["args"]``), and whether a reference was passed."""
+    config_cls, trainer_cls = training._cpo_classes()
+    seen: dict = {}
+
+    class Recording(trainer_cls):
+        def __init__(self, *a, **kw):
+            seen["args"] = kw["args"]
+            seen["kwargs"] = set(kw)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(training, "_cpo_classes", lambda: (config_cls, Recording))
+    return seen
+
+
+def test_simpo_lowers_loss_and_saves_a_loadable_folder(tiny_model_dir, tmp_path, avx2_only, cpo_args):
+    lines: list[str] = []
+    res = train(PAIRS, config=TrainConfig(objective="simpo", learning_rate=1e-3, epochs=2), model_source=tiny_model_dir,
+                output_dir=tmp_path / "out", device="cpu", progress=False, log=lines.append)
+    assert res.steps == 8
+    losses = [r["loss"] for r in res.history]
+    assert len(losses) == 8 and losses[-1] < 0.5 * losses[0]
+    assert res.history[-1]["reward_accuracy"] == 1.0 and res.history[-1]["reward_margin"] > 0
+    args = cpo_args["args"]
+    assert (args.loss_type, args.cpo_alpha, args.beta, args.simpo_gamma) == ("simpo", 0.0, 2.0, 0.5)
+    assert args.bf16 is False and args.gradient_checkpointing is False
+    assert "ref_model" not in cpo_args["kwargs"]  # SimPO has no reference model
+    assert lines[0].startswith("training precision: fp32")
+    cfg = json.loads((res.output_dir / "train_config.json").read_text())
+    assert (cfg["objective"], cfg["beta"], cfg["simpo_gamma"], cfg["steps"]) == ("simpo", 2.0, 0.5, 8)
+    trained = il.load_model(res.output_dir, device="cpu")
+    assert trained.info.fingerprint == il.load_model(tiny_model_dir, device="cpu").info.fingerprint
+    assert json.loads((res.output_dir / "config.json").read_text())["use_cache"] is True
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_sao_preset(tiny_model_dir, tmp_path, cpo_args):
+    config = TrainConfig(objective="simpo", preset="sao", batch_size=2, gradient_accumulation=1, max_steps=1)
+    res = train(PAIRS[:2], config=config, model_source=tiny_model_dir, output_dir=tmp_path / "out", device="cpu",
+                progress=False, log=lambda line: None)
+    assert (cpo_args["args"].beta, cpo_args["args"].simpo_gamma, cpo_args["args"].learning_rate) == (10.0, 3.0, 1e-6)
+    cfg = json.loads((res.output_dir / "train_config.json").read_text())
+    assert (cfg["preset"], cfg["objective"], cfg["beta"], cfg["simpo_gamma"], cfg["learning_rate"]) == (
+        "sao", "simpo", 10.0, 3.0, 1e-6)
+    assert TrainConfig(objective="simpo", preset="sao", simpo_gamma=1.0, beta=5.0).hyperparameters()[
+        "simpo_gamma"] == 1.0
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"preset": "sao"}, "preset 'sao' is SAO's SimPO recipe .* needs objective='simpo', got objective='dpo'"),
+    ({"simpo_gamma": 1.0}, "simpo_gamma is SimPO's target margin and does nothing with objective='dpo'"),
+    ({"objective": "simpo", "simpo_gamma": -1.0}, "simpo_gamma must be >= 0"),
+    ({"objective": "orpo"}, "Unknown objective 'orpo'; use one of"),
+])
+def test_objective_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_train_rejects_a_non_config(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="config must be a TrainConfig"):
+        train(PAIRS, config={"objective": "simpo"}, model_source=tiny_model_dir, output_dir=tmp_path / "a")  # type: ignore[arg-type]
+
+
+def test_cli_train_simpo(tiny_model_dir, tmp_path, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+    out = tmp_path / "trained"
+    rc = main(["train", "--model", str(tiny_model_dir), "--device", "cpu", "--no-progress", "--pairs", str(pairs),
+               "--out", str(out), "--objective", "simpo", "--max-steps", "2", "--precision", "fp32"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "training precision: fp32 (asked for" in printed and str(out / "train_log.jsonl") in printed
+    assert len(load_train_log(out)) == 2
+    cfg = json.loads((out / "train_config.json").read_text())
+    assert (cfg["objective"], cfg["precision"], cfg["gradient_checkpointing"]) == ("simpo", "fp32", False)
+    # --preset sao alone means SimPO; an explicit --objective dpo with it is an error naming the fix
+    rc = main(["train", "--model", str(tiny_model_dir), "--device", "cpu", "--no-progress", "--pairs", str(pairs),
+               "--out", str(tmp_path / "sao"), "--preset", "sao", "--batch-size", "2", "--gradient-accumulation", "1",
+               "--max-steps", "1", "--gradient-checkpointing"])
+    assert rc == 0
+    cfg = json.loads((tmp_path / "sao" / "train_config.json").read_text())
+    assert (cfg["objective"], cfg["beta"], cfg["simpo_gamma"], cfg["gradient_checkpointing"]) == (
+        "simpo", 10.0, 3.0, True)
+    capsys.readouterr()
+    assert main(["train", "--model", str(tiny_model_dir), "--pairs", str(pairs), "--out", str(tmp_path / "x"),
+                 "--preset", "sao", "--objective", "dpo"]) == 2
+    assert "pass objective='simpo'" in capsys.readouterr().err
+    assert main(["train", "--model", str(tiny_model_dir), "--pairs", str(pairs), "--out", str(tmp_path / "y"),
+                 "--simpo-gamma", "1"]) == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -12,77 +12,42 @@ The public surface::
     kept = il.select_instructions(table, top_fraction=0.1)
     pairs = il.generate_pairs(model, dirs, kept)              # chosen +gamma*u, rejected -gamma*u, one batch
     with il.steer(model, dirs, "helpful", 0.07): ...            # hooks removed on exit
-    il.train_dpo(pairs, output_dir="out/trained")              # TRL DPO on a fresh HF copy
+    il.train(pairs, output_dir="out/trained")                  # DPO (or SimPO) with TRL on a fresh HF copy
     il.run_pipeline(out="runs/icon2")                         # everything, resumable, with costs and a report
+
+Building blocks live in subpackages: `il.gen` (the engine seam), `il.math` (pure math), `il.runs`
+(batch runner, io, shards, costs), `il.judges`, `il.reports`, `il.pipeline`, and the stage modules
+(`il.pairs`, `il.scoring`, ...).
 """
 
-from .activations import LastTokenReader, read_last_token
+from . import gen, judges, math, reports, runs
+from .activations import read_last_token
+from .calibration import calibrate_gamma
 from .criteria import DEFAULT_CRITERIA, Criterion, load_criteria
-from .directions import DirectionSet, directions_from_activations, extract_directions
-from .instructions import builtin_instructions, load_instructions
-from .layers import LayerReport, layer_report, split_half_stability, suggest_layer_range
-from .models import LoadedModel, ModelInfo, load_model
-from .runs.costs import StageCost, cost_table, load_costs, measure_costs
-from .calibration import CalibrationResult, calibrate_gamma, load_gammas
-from .evaluation import PairwiseJudge, ProbeScorer, RewardModelScorer, evaluate, pair_report
-from .pairs import generate_pairs, generate_steered
-from .pipeline import PipelineResult, RunConfig, load_config, run_pipeline
-from .prompts import pre_query_template, render_chat
-from .scoring import consistency_histogram, save_scores, score_instructions, select_instructions
-from .pipeline.merge import merge_shards
-from .steering import Steering, steer
-from .synthesis import synthesis_report, synthesize_instructions
-from .training import TrainResult, train_dpo
+from .directions import DirectionSet, extract_directions
+from .evaluation import evaluate
+from .instructions import load_instructions
+from .layers import layer_report
+from .models import LoadedModel, load_model
+from .pairs import PairsConfig, generate_pairs
+from .pipeline import RunConfig, load_config, merge_shards, run_pipeline
+from .prompts import render_chat
+from .runs.costs import measure_costs
+from .scoring import score_instructions, select_instructions
+from .steering import steer
+from .synthesis import synthesize_instructions
+from .training import TrainConfig, train, train_dpo
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CalibrationResult",
-    "DEFAULT_CRITERIA",
-    "Criterion",
-    "DirectionSet",
-    "LastTokenReader",
-    "LayerReport",
-    "LoadedModel",
-    "PairwiseJudge",
-    "ProbeScorer",
-    "RewardModelScorer",
-    "Steering",
-    "TrainResult",
-    "PipelineResult",
-    "RunConfig",
-    "StageCost",
-    "ModelInfo",
-    "builtin_instructions",
-    "calibrate_gamma",
-    "consistency_histogram",
-    "cost_table",
-    "directions_from_activations",
-    "evaluate",
-    "extract_directions",
-    "generate_pairs",
-    "generate_steered",
-    "layer_report",
-    "load_criteria",
-    "load_config",
-    "load_costs",
-    "load_gammas",
-    "load_instructions",
-    "load_model",
-    "measure_costs",
-    "pair_report",
-    "read_last_token",
-    "run_pipeline",
-    "pre_query_template",
-    "render_chat",
-    "merge_shards",
-    "save_scores",
-    "score_instructions",
-    "select_instructions",
-    "synthesis_report",
-    "synthesize_instructions",
-    "train_dpo",
-    "split_half_stability",
-    "steer",
-    "suggest_layer_range",
+    # models and data
+    "load_model", "LoadedModel", "DEFAULT_CRITERIA", "Criterion", "load_criteria", "load_instructions",
+    "render_chat", "read_last_token",
+    # the Icon2 stages
+    "extract_directions", "DirectionSet", "layer_report", "synthesize_instructions", "score_instructions",
+    "select_instructions", "generate_pairs", "PairsConfig", "steer", "calibrate_gamma",
+    "train", "train_dpo", "TrainConfig", "evaluate",
+    # runs
+    "run_pipeline", "RunConfig", "load_config", "merge_shards", "measure_costs",
 ]

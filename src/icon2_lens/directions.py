@@ -45,6 +45,7 @@ from .models import LoadedModel
 from .prompts import require_chat_template, stimulus_texts
 
 __all__ = [
+    "ExtractConfig",
     "Method",
     "ContrastAccumulator",
     "DirectionSet",
@@ -55,6 +56,29 @@ __all__ = [
     "instruction_hash",
     "versions",
 ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExtractConfig:
+    """Settings of `extract_directions`: the one source of their defaults (library, CLI and pipeline).
+
+    Attributes:
+        method: direction method (a name in `icon2_lens.math.contrast.DIRECTION_METHODS`).
+        hook: residual hook kind read at every layer.
+        batch_size: prompts per forward pass.
+        stability: also measure split-half stability in the same pass.
+    """
+
+    method: str = "pca"
+    hook: str = "resid_post"
+    batch_size: int = 32
+    stability: bool = False
+
+    def __post_init__(self) -> None:
+        get_direction_method(self.method)  # an unknown method is an error naming the registered ones
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}.")
+
 
 _FORMAT = "icon2_lens.directions/1"
 
@@ -306,11 +330,11 @@ def extract_directions(
     criteria: Sequence[Criterion | str] | Criterion | str | Path | None = None,
     instructions: Sequence[str] | str | Path | Any = "default",
     *,
-    method: Method | str = "pca",
-    hook: HookKind | str = "resid_post",
+    method: Method | str = ExtractConfig.method,
+    hook: HookKind | str = ExtractConfig.hook,
     layers: Sequence[int] | range | None = None,
-    batch_size: int = 32,
-    stability: bool = False,
+    batch_size: int = ExtractConfig.batch_size,
+    stability: bool = ExtractConfig.stability,
     seed: int = 0,
     progress: bool = True,
 ) -> DirectionSet:

@@ -11,6 +11,7 @@ The text metrics (`distinct_n`, `is_degenerate`, `degeneration_stats`, `parse_ve
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .directions import DirectionSet
@@ -22,6 +23,7 @@ from .prompts import render_chat
 from .reports import evaluation_markdown, probe_shift_figure
 
 __all__ = [
+    "EvaluateConfig",
     "Scorer",
     "Judge",
     "ProbeScorer",
@@ -35,6 +37,20 @@ __all__ = [
     "probe_means",
     "evaluate",
 ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig:
+    """Settings of `evaluate`: the one source of their defaults (library, CLI and pipeline).
+
+    Attributes:
+        max_new_tokens: token budget per answer.
+        batch_size: answers per generation batch.
+    """
+
+    max_new_tokens: int = 128
+    batch_size: int = 8
+
 
 
 def pair_report(pairs: Any, *, scorer: Any | None = None, n_examples: int = 5) -> dict[str, Any]:
@@ -128,8 +144,8 @@ def evaluate(
     *,
     judge: Any | None = None,
     layers: Sequence[int] | None = None,
-    max_new_tokens: int = 128,
-    batch_size: int = 8,
+    max_new_tokens: int = EvaluateConfig.max_new_tokens,
+    batch_size: int = EvaluateConfig.batch_size,
     training_instructions: Sequence[str] | None = None,
     out: str | os.PathLike[str] | None = None,
     overwrite: bool = False,

@@ -45,6 +45,7 @@ from .prompts import render_chat, require_chat_template
 from .reports import layer_figure, layer_table
 
 __all__ = [
+    "LayersConfig",
     "LayerReport",
     "layer_report",
     "separation",
@@ -53,6 +54,24 @@ __all__ = [
     "builtin_paraphrases",
     "builtin_response_pairs",
 ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayersConfig:
+    """Settings of `layer_report`: the one source of their defaults (library, CLI and pipeline).
+
+    Attributes:
+        n_heldout: held-out instructions for separations (a) and (b).
+        n_paraphrase_instructions: instructions per paraphrase pair for (b).
+        width: size of the suggested layer window (``None``: a third of the layers).
+        batch_size: prompts per forward pass.
+    """
+
+    n_heldout: int = 64
+    n_paraphrase_instructions: int = 16
+    width: int | None = None
+    batch_size: int = 32
+
 
 #: (question, positive answer, negative answer)
 ResponsePair = tuple[str, str, str]
@@ -198,12 +217,12 @@ def layer_report(
     directions: DirectionSet,
     *,
     heldout: Sequence[str] | str | Path | None = None,
-    n_heldout: int = 64,
+    n_heldout: int = LayersConfig.n_heldout,
     paraphrases: Mapping[str, Sequence[tuple[str, str]]] | None = None,
-    n_paraphrase_instructions: int = 16,
+    n_paraphrase_instructions: int = LayersConfig.n_paraphrase_instructions,
     response_pairs: Mapping[str, Sequence[ResponsePair]] | None = None,
-    width: int | None = None,
-    batch_size: int = 32,
+    width: int | None = LayersConfig.width,
+    batch_size: int = LayersConfig.batch_size,
     stability: Float[Tensor, "criterion layer"] | None = None,
     progress: bool = True,
 ) -> LayerReport:
@@ -291,7 +310,7 @@ def split_half_stability(
     One pass over the model: each instruction's contrast pair goes to the accumulator of its half.
 
     Examples:
-        >>> stab = il.split_half_stability(model, dirs, "default")  # doctest: +SKIP
+        >>> stab = il.layers.split_half_stability(model, dirs, "default")  # doctest: +SKIP
         >>> stab.shape  # doctest: +SKIP
         torch.Size([4, 30])
     """

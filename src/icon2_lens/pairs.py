@@ -14,10 +14,11 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from .directions import DirectionSet
-from .gen import Decoding, engine
+from .gen import Decoding, EngineKind, engine
 from .models import LoadedModel
 from .prompts import render_chat
 from .runs import names
@@ -29,15 +30,11 @@ from .steering import Positions, Scale, steer_spec, steering_vectors
 if TYPE_CHECKING:
     import datasets
 
-__all__ = ["generate_pairs", "generate_steered", "DEFAULT_GAMMA_POS", "DEFAULT_GAMMA_NEG", "DEFAULT_DECODING"]
+__all__ = ["PairsConfig", "generate_pairs", "generate_steered", "table_rows", "DEFAULT_GAMMA_POS", "DEFAULT_GAMMA_NEG", "DEFAULT_DECODING"]
 
 #: Default strengths (``scale="relative"``: fractions of the layer's mean residual norm), from calibration.
 DEFAULT_GAMMA_POS = 0.07
 DEFAULT_GAMMA_NEG = -0.02
-#: Default decoding settings of `generate_pairs`.
-DEFAULT_DECODING: dict[str, Any] = {"max_new_tokens": 128, "do_sample": False, "temperature": 1.0, "top_p": 1.0,
-                                    "repetition_penalty": 1.1}
-
 
 def generate_steered(
     model: LoadedModel,
@@ -115,25 +112,76 @@ def _table_rows(table: Any, criterion: str | None, directions: DirectionSet) -> 
     return rows
 
 
+@dataclass(frozen=True, kw_only=True)
+class PairsConfig:
+    """Settings of `generate_pairs`: the one source of their defaults (library, CLI and pipeline).
+
+    Attributes:
+        gamma_pos: strength of the chosen side (the calibrated default; ``scale="relative"``: a fraction of
+            the layer's mean residual norm, added at every steering layer).
+        gamma_neg: strength of the rejected side, below ``gamma_pos``.
+        layers: ``"suggested"`` (the layer report's range), ``"all"``, or layer ids.
+        scale: ``"relative"`` or ``"unit"``; see `icon2_lens.steer`.
+        positions: ``"all"`` or ``"generated"``; see `icon2_lens.steer`.
+        criterion: steer every row along this criterion instead of the table's.
+        max_new_tokens: token budget per response.
+        do_sample: sample instead of greedy decoding.
+        temperature: sampling temperature (with ``do_sample``).
+        top_p: nucleus sampling mass (with ``do_sample``).
+        repetition_penalty: HF repetition penalty.
+        batch_size: instructions per batch (each batch generates ``2 x batch_size`` rows).
+        engine: ``"hf"`` (fast path) or ``"bridge"`` (TransformerLens hooks); see `icon2_lens.gen`.
+
+    Examples:
+        >>> PairsConfig(gamma_pos=0.05).gamma_neg
+        -0.02
+    """
+
+    gamma_pos: float = DEFAULT_GAMMA_POS
+    gamma_neg: float = DEFAULT_GAMMA_NEG
+    layers: Literal["suggested", "all"] | list[int] = "suggested"
+    scale: Scale = "relative"
+    positions: Positions = "all"
+    criterion: str | None = None
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.1
+    batch_size: int = 8
+    engine: EngineKind = "hf"
+
+    def __post_init__(self) -> None:
+        if not self.gamma_neg < self.gamma_pos:
+            raise ValueError(f"gamma_neg must be below gamma_pos (got gamma_pos={self.gamma_pos}, "
+                             f"gamma_neg={self.gamma_neg}).")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}.")
+        if self.engine not in ("hf", "bridge"):
+            raise ValueError(f"Unknown engine {self.engine!r}; use 'hf' or 'bridge'.")
+        self.decoding()  # validates the decoding settings
+
+    def decoding(self) -> Decoding:
+        """The decoding settings as a `icon2_lens.gen.Decoding`."""
+        return Decoding(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, temperature=self.temperature,
+                        top_p=self.top_p, repetition_penalty=self.repetition_penalty)
+
+
+#: Default decoding settings of `generate_pairs` (from `PairsConfig`).
+DEFAULT_DECODING: dict[str, Any] = {k: getattr(PairsConfig, k) for k in (
+    "max_new_tokens", "do_sample", "temperature", "top_p", "repetition_penalty")}
+
+
 def generate_pairs(
     model: LoadedModel,
     directions: DirectionSet,
     table: "datasets.Dataset | Sequence[dict[str, Any]] | str | os.PathLike[str]",
+    config: PairsConfig | None = None,
     *,
-    gamma_pos: float = DEFAULT_GAMMA_POS,
-    gamma_neg: float = DEFAULT_GAMMA_NEG,
+    gamma_pos: float | None = None,
+    gamma_neg: float | None = None,
     layers: Sequence[int] | range | None = None,
-    scale: Scale = "relative",
-    positions: Positions = "all",
-    criterion: str | None = None,
-    max_new_tokens: int = DEFAULT_DECODING["max_new_tokens"],
-    do_sample: bool = DEFAULT_DECODING["do_sample"],
-    temperature: float = DEFAULT_DECODING["temperature"],
-    top_p: float = DEFAULT_DECODING["top_p"],
-    repetition_penalty: float = DEFAULT_DECODING["repetition_penalty"],
-    batch_size: int = 8,
     seed: int = 0,
-    path: Literal["hf", "bridge"] = "hf",
     out: str | os.PathLike[str] | None = None,
     progress: bool = True,
     shard: tuple[int, int] | None = None,
@@ -145,26 +193,17 @@ def generate_pairs(
         directions: the `DirectionSet` (its suggested layers are the default range).
         table: rows with ``instruction`` and ``criterion`` (`icon2_lens.select_instructions`'s output,
             a list of dicts, or a ``score`` output folder / JSONL file); ``consistency`` is carried over.
-        gamma_pos: strength of the chosen side (default: the calibrated `DEFAULT_GAMMA_POS`).
-        gamma_neg: strength of the rejected side, below ``gamma_pos`` (default `DEFAULT_GAMMA_NEG`).
-        layers: steering layers (default: the suggested range of the directions).
-        scale: ``"relative"`` (default) or ``"unit"``; see `icon2_lens.steer`.
-        positions: ``"all"`` (default) or ``"generated"``; see `icon2_lens.steer`.
-        criterion: steer every row along this criterion instead of the table's.
-        max_new_tokens: token budget per response (`DEFAULT_DECODING`: 128).
-        do_sample: sample instead of greedy decoding (default greedy).
-        temperature: sampling temperature (with ``do_sample``).
-        top_p: nucleus sampling mass (with ``do_sample``).
-        repetition_penalty: HF repetition penalty (default 1.1).
-        batch_size: instructions per batch (each batch generates ``2 x batch_size`` rows).
+        config: a `PairsConfig` (default: its defaults); the keywords below override it.
+        gamma_pos: strength of the chosen side (overrides ``config.gamma_pos``).
+        gamma_neg: strength of the rejected side (overrides ``config.gamma_neg``).
+        layers: steering layer ids (overrides ``config.layers``).
         seed: batch ``b`` samples with a seed derived from ``(seed, b)``.
-        path: ``"hf"`` (fast path, default) or ``"bridge"``.
         out: a folder: rows are appended to ``pairs.jsonl`` batch by batch; a rerun with the same
             settings skips the finished instructions (a torn last batch is cut off and redone).
         progress: progress bar (pairs/s).
         shard: ``(i, n)``: generate only the batches ``b`` with ``b % n == i`` of the batches the
             unsharded run forms (same rows, padding and seeds, so the same pairs), for data-parallel
-            runs (`icon2_lens.shards`). With ``out`` the shard is recorded in ``generation.json`` (a
+            runs (`icon2_lens.runs.shards`). With ``out`` the shard is recorded in ``generation.json`` (a
             rerun continues it) and ``shard.json`` is written when it is finished; merge the folders
             with `icon2_lens.merge_shards`.
 
@@ -177,24 +216,34 @@ def generate_pairs(
 
     Examples:
         >>> pairs = il.generate_pairs(model, dirs, il.select_instructions(table))  # doctest: +SKIP
+        >>> pairs = il.generate_pairs(model, dirs, kept, il.PairsConfig(max_new_tokens=64), gamma_pos=0.05)  # doctest: +SKIP
         >>> pairs[0]["chosen"]  # doctest: +SKIP
         [{'role': 'assistant', 'content': '...'}]
     """
     from datasets import Dataset
 
+    cfg = config or PairsConfig()
+    overrides = {k: v for k, v in {"gamma_pos": gamma_pos, "gamma_neg": gamma_neg}.items() if v is not None}
+    if layers is not None:
+        if not list(layers):
+            raise ValueError("The layer selection is empty; pass at least one layer (or None for the suggested "
+                             "range).")
+        overrides["layers"] = [int(x) for x in layers]
+    cfg = replace(cfg, **overrides) if overrides else cfg
     directions.check_compatible(model)
-    if not gamma_neg < gamma_pos:
-        raise ValueError(f"gamma_neg must be below gamma_pos (got gamma_pos={gamma_pos}, gamma_neg={gamma_neg}).")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}.")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}.")
     shard = check_shard(shard)
-    rows = _table_rows(table, criterion, directions)
-    if layers is not None and not list(layers):
-        raise ValueError("The layer selection is empty; pass at least one layer (or None for the suggested range).")
-    layer_list = list(layers) if layers is not None else list(directions.suggested_layers or [])
-    steering_vectors(directions, rows[0]["criterion"], gamma_pos, layers=layer_list or None, scale=scale)  # validate
+    rows = _table_rows(table, cfg.criterion, directions)
+    if cfg.layers == "suggested":
+        layer_list: list[int] = list(directions.suggested_layers or [])  # none: steering_vectors says what to do
+    elif cfg.layers == "all":
+        layer_list = list(directions.layers)
+    else:
+        layer_list = [int(x) for x in cfg.layers]  # steering_vectors names a layer the directions lack
+    steering_vectors(directions, rows[0]["criterion"], cfg.gamma_pos, layers=layer_list or None,
+                     scale=cfg.scale)  # validate
+    gamma_pos, gamma_neg, scale, positions = cfg.gamma_pos, cfg.gamma_neg, cfg.scale, cfg.positions
+    max_new_tokens, do_sample, temperature, top_p = cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p
+    repetition_penalty, batch_size, path = cfg.repetition_penalty, cfg.batch_size, cfg.engine
     settings = {"gamma_pos": gamma_pos, "gamma_neg": gamma_neg, "layers": layer_list, "scale": scale,
                 "positions": positions, "max_new_tokens": max_new_tokens, "do_sample": do_sample,
                 "temperature": temperature, "top_p": top_p, "repetition_penalty": repetition_penalty, "seed": seed,

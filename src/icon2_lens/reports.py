@@ -8,8 +8,8 @@ without pyplot (no global state, the caller's backend untouched); in a notebook,
 
 This module sits below the stage modules: it imports only torch and matplotlib (lazily), never a
 stage. The stages' methods and names delegate here: `icon2_lens.LayerReport.table` /
-``figure``, `icon2_lens.CalibrationResult.table` / ``figure``, `icon2_lens.consistency_histogram`,
-`icon2_lens.cost_table` and the report that `icon2_lens.evaluate` writes.
+``figure``, `icon2_lens.CalibrationResult.table` / ``figure``, `icon2_lens.scoring.consistency_histogram`,
+`icon2_lens.runs.cost_table` and the report that `icon2_lens.evaluate` writes.
 
 Examples:
     >>> from icon2_lens import reports
@@ -290,7 +290,7 @@ def cost_table(costs: Sequence[Any], *, per: tuple[str, int] | None = None) -> s
     """A Markdown table of stage costs with a total row, and optionally the cost per output row.
 
     Args:
-        costs: one row per stage, in order: a dict (``costs.json``) or a `icon2_lens.StageCost`, with
+        costs: one row per stage, in order: a dict (``costs.json``) or a `icon2_lens.runs.StageCost`, with
             ``stage``, ``prompt_tokens``, ``generated_tokens``, ``forward_passes``, ``wall_seconds``,
             ``peak_rss_mib`` and ``rows`` (``None``: blank).
         per: ``(name, count)``, e.g. ``("kept pair", 24)``: adds a row dividing the total by ``count``.

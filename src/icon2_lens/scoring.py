@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     import matplotlib.figure
 
 __all__ = [
+    "ScoreConfig",
     "score_instructions",
     "select_instructions",
     "project",
@@ -53,6 +55,39 @@ __all__ = [
     "save_scores",
     "DEFAULT_TOP_FRACTION",
 ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreConfig:
+    """Settings of `score_instructions` and of the selection (`select_instructions` / `save_scores`): the one
+    source of their defaults (library, CLI and pipeline). Give at most one selection rule; none: the top 10%.
+
+    Attributes:
+        layers: ``"all"`` (the paper's Eq. 2), ``"suggested"``, or layer ids.
+        standardize: z-score each layer's projection with the feature-set statistics before averaging.
+        render: ``"chat"`` (user turn) or ``"raw"`` text.
+        batch_size: prompts per forward pass.
+        top_fraction: keep this share.
+        top_k: keep the best ``k``.
+        threshold: keep ``consistency >= threshold``.
+        balance_criteria: apply the rule within each assigned criterion.
+    """
+
+    layers: Literal["all", "suggested"] | list[int] = "all"
+    standardize: bool = True
+    render: Render = "chat"
+    batch_size: int = 32
+    top_fraction: float | None = None
+    top_k: int | None = None
+    threshold: float | None = None
+    balance_criteria: bool = False
+
+    def __post_init__(self) -> None:
+        rules = [k for k in ("top_fraction", "top_k", "threshold") if getattr(self, k) is not None]
+        if len(rules) > 1:
+            raise ValueError(f"set only one of top_fraction, top_k, threshold (got {', '.join(rules)}); "
+                             "set the others to null")
+
 
 def scoring_layers(directions: DirectionSet, layers: Literal["all", "suggested"] | Sequence[int] | range) -> list[int]:
     """Resolve a layer choice to model layer ids present in ``directions``.
@@ -85,11 +120,11 @@ def score_instructions(
     directions: DirectionSet,
     instructions: Sequence[str] | str | Path | Any,
     *,
-    layers: Literal["all", "suggested"] | Sequence[int] | range = "all",
-    standardize: bool = True,
-    render: Render = "chat",
+    layers: Literal["all", "suggested"] | Sequence[int] | range = ScoreConfig.layers,
+    standardize: bool = ScoreConfig.standardize,
+    render: Render = ScoreConfig.render,
     system_prompt: str | None = None,
-    batch_size: int = 32,
+    batch_size: int = ScoreConfig.batch_size,
     progress: bool = True,
     shard: tuple[int, int] | None = None,
 ) -> "datasets.Dataset":
@@ -213,7 +248,7 @@ def save_scores(
         The paths written.
 
     Examples:
-        >>> il.save_scores(table, "runs/scored", top_fraction=0.1)  # doctest: +SKIP
+        >>> il.scoring.save_scores(table, "runs/scored", top_fraction=0.1)  # doctest: +SKIP
     """
     from .runs.io import atomic_folder, check_output_folder
 

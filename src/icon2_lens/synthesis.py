@@ -16,6 +16,7 @@ import os
 import re
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -32,7 +33,32 @@ from .runs.io import atomic_write_text
 if TYPE_CHECKING:
     import datasets
 
-__all__ = ["synthesize_instructions", "clean_generations", "finish_synthesis", "synthesis_report", "DROP_REASONS", "normalize_text"]
+__all__ = ["SynthesisConfig", "synthesize_instructions", "clean_generations", "finish_synthesis", "synthesis_report", "DROP_REASONS", "normalize_text"]
+
+@dataclass(frozen=True, kw_only=True)
+class SynthesisConfig:
+    """Settings of `synthesize_instructions`: the one source of their defaults (library, CLI and pipeline).
+
+    Attributes:
+        temperature: sampling temperature (Magpie: 1.0).
+        top_p: nucleus sampling mass (Magpie: 0.99); ``top_k`` is off.
+        max_new_tokens: budget for one user turn (longer ones are dropped as ``truncated``).
+        batch_size: generations per batch (all share the prefix: no padding).
+        system_prompt: ``None`` keeps what the template renders by itself; a string replaces it.
+        min_words: clean-up: shorter is ``too_short``.
+        max_words: clean-up: longer is ``too_long``.
+        near_duplicate_threshold: clean-up: character 5-gram Jaccard similarity counted as a near duplicate.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 0.99
+    max_new_tokens: int = 96
+    batch_size: int = 16
+    system_prompt: str | None = None
+    min_words: int = 3
+    max_words: int = 200
+    near_duplicate_threshold: float = 0.8
+
 
 #: Why a generation is dropped, in the order the rules are applied.
 DROP_REASONS = (
@@ -182,15 +208,15 @@ def synthesize_instructions(
     model: LoadedModel,
     n: int,
     *,
-    temperature: float = 1.0,
-    top_p: float = 0.99,
-    max_new_tokens: int = 96,
-    batch_size: int = 16,
+    temperature: float = SynthesisConfig.temperature,
+    top_p: float = SynthesisConfig.top_p,
+    max_new_tokens: int = SynthesisConfig.max_new_tokens,
+    batch_size: int = SynthesisConfig.batch_size,
     seed: int = 0,
-    system_prompt: str | None = None,
-    min_words: int = 3,
-    max_words: int = 200,
-    near_duplicate_threshold: float = 0.8,
+    system_prompt: str | None = SynthesisConfig.system_prompt,
+    min_words: int = SynthesisConfig.min_words,
+    max_words: int = SynthesisConfig.max_words,
+    near_duplicate_threshold: float = SynthesisConfig.near_duplicate_threshold,
     out: str | os.PathLike[str] | None = None,
     progress: bool = True,
     shard: tuple[int, int] | None = None,
@@ -233,7 +259,7 @@ def synthesize_instructions(
 
     Examples:
         >>> ds = il.synthesize_instructions(model, 64, seed=0)  # doctest: +SKIP
-        >>> il.synthesis_report(ds)["kept"]  # doctest: +SKIP
+        >>> il.synthesis.synthesis_report(ds)["kept"]  # doctest: +SKIP
         41
     """
     if not isinstance(n, int) or isinstance(n, bool) or n <= 0:

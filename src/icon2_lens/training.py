@@ -1,8 +1,13 @@
-"""Offline preference training on pairs with TRL (METHOD.md section 5).
+"""Offline preference training on pairs with TRL: DPO (METHOD.md section 5) or SimPO (SAO, BASELINES.md 1).
 
-The policy and the reference are two fresh plain HF models loaded from the same source (never the
-bridge's rewritten model), and the reference is passed to TRL explicitly: TRL's default reloads
-it from ``config._name_or_path``, which fails for the GGUF-derived embedded model (PITFALLS.md).
+`train` runs either objective from one `TrainConfig`; `train_dpo` is its DPO form with keyword options.
+DPO uses TRL's ``DPOTrainer`` with a frozen reference model. SimPO uses TRL's ``CPOTrainer`` with
+``loss_type="simpo"`` and ``cpo_alpha=0`` (no behaviour-cloning term): length-averaged log-probabilities,
+a target margin ``gamma`` and no reference model.
+
+For DPO the policy and the reference are two fresh plain HF models loaded from the same source
+(never the bridge's rewritten model), and the reference is passed to TRL explicitly: TRL's default
+reloads it from ``config._name_or_path``, which fails for the GGUF-derived embedded model (PITFALLS.md).
 Every logging step appends loss, reward accuracy and reward margin to ``train_log.jsonl``; the
 curve is drawn to ``train_curve.png``; the trained model is saved as a normal HF folder (with the
 tokenizer and its chat template) that `icon2_lens.load_model` opens.
@@ -34,16 +39,25 @@ if TYPE_CHECKING:
     from .runs.costs import CostMeter
     import matplotlib.figure
 
-__all__ = ["train_dpo", "TrainConfig", "TrainResult", "PRESETS", "choose_precision", "load_train_log", "train_curve"]
+__all__ = ["train", "train_dpo", "TrainConfig", "TrainResult", "PRESETS", "choose_precision", "load_train_log",
+           "train_curve"]
 
 #: Named hyperparameter sets. ``"demo"``: CPU-friendly for the embedded model; ``"paper"``: the
-#: paper's DPO settings (1 epoch, beta 0.1, lr 5e-7, cosine, 10% warm-up, global batch 128).
+#: paper's DPO settings (1 epoch, beta 0.1, lr 5e-7, cosine, 10% warm-up, global batch 128);
+#: ``"sao"``: SAO's SimPO settings (beta 10, gamma 3, lr 1e-6, cosine, 10% warm-up, 1 epoch, global
+#: batch 128; arXiv 2510.06652 Sec 5.1), SimPO only. ``beta`` is DPO's; with ``objective="simpo"`` the
+#: demo and paper presets use ``simpo_beta`` 2.0 (the SimPO paper's usual value: SimPO's beta scales a
+#: length-averaged log-probability, not DPO's summed log-ratio) and ``simpo_gamma`` 0.5 (TRL's default).
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {"beta": 0.1, "learning_rate": 5e-6, "epochs": 1, "batch_size": 2, "gradient_accumulation": 1,
-             "max_length": 384, "warmup_ratio": 0.1, "scheduler": "cosine"},
+             "max_length": 384, "warmup_ratio": 0.1, "scheduler": "cosine", "simpo_beta": 2.0, "simpo_gamma": 0.5},
     "paper": {"beta": 0.1, "learning_rate": 5e-7, "epochs": 1, "batch_size": 8, "gradient_accumulation": 16,
-              "max_length": 1024, "warmup_ratio": 0.1, "scheduler": "cosine"},
+              "max_length": 1024, "warmup_ratio": 0.1, "scheduler": "cosine", "simpo_beta": 2.0, "simpo_gamma": 0.5},
+    "sao": {"beta": 10.0, "learning_rate": 1e-6, "epochs": 1, "batch_size": 8, "gradient_accumulation": 16,
+            "max_length": 1024, "warmup_ratio": 0.1, "scheduler": "cosine", "simpo_beta": 10.0, "simpo_gamma": 3.0},
 }
+#: Presets that belong to one objective (an explicit other objective is an error).
+_PRESET_OBJECTIVE: dict[str, str] = {"sao": "simpo"}
 _LOG_KEYS = {"loss": "loss", "rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin",
              "rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected", "learning_rate": "learning_rate"}
 #: CPU flags (``/proc/cpuinfo``) of native bf16 arithmetic.
@@ -164,10 +178,18 @@ class TrainConfig:
     ``None`` takes the preset's value (`PRESETS`). Wrong types and values raise ``ValueError``
     naming the field, what was wrong and what to do.
 
+    Objective and preset: ``"demo"`` and ``"paper"`` work with either objective. ``"sao"`` is SAO's
+    SimPO recipe and needs ``objective="simpo"``: ``TrainConfig(preset="sao")`` (objective left at
+    ``"dpo"``) is an error that says so; nothing is switched silently. ``simpo_gamma`` is SimPO's
+    and is an error with ``objective="dpo"``.
+
     Attributes:
-        objective: ``"dpo"`` (TRL's DPOTrainer, with a frozen reference model).
-        preset: ``"demo"`` (CPU-friendly) or ``"paper"`` (the paper's DPO settings).
-        beta: DPO beta (``None``: the preset's, 0.1).
+        objective: ``"dpo"`` (TRL's DPOTrainer, with a frozen reference model) or ``"simpo"`` (TRL's
+            CPOTrainer with the SimPO loss, no reference model).
+        preset: ``"demo"`` (CPU-friendly), ``"paper"`` (the paper's DPO settings) or ``"sao"``
+            (SAO's SimPO settings; objective ``"simpo"`` only).
+        beta: DPO beta, or SimPO beta with ``objective="simpo"`` (``None``: the preset's: 0.1 for DPO;
+            2.0 for SimPO, 10 with ``"sao"``).
         learning_rate: peak learning rate (cosine schedule, warm-up 10%).
         epochs: passes over the pairs.
         max_length: tokens per prompt + response.
@@ -180,10 +202,13 @@ class TrainConfig:
             fp32 weights).
         gradient_checkpointing: recompute activations in the backward pass (less memory, slower).
         seed: seed of TRL's trainer.
+        simpo_gamma: SimPO's target reward margin (``None``: the preset's, 0.5; 3 with ``"sao"``).
 
     Examples:
         >>> TrainConfig(learning_rate=1e-5).hyperparameters()["learning_rate"]
         1e-05
+        >>> TrainConfig(objective="simpo", preset="sao").hyperparameters()["simpo_gamma"]
+        3.0
         >>> TrainConfig(batch_size=0)
         Traceback (most recent call last):
         ...
@@ -204,15 +229,26 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     gradient_checkpointing: bool = False
     seed: int = 0
+    simpo_gamma: float | None = None
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), hints[f.name])
-        if self.objective != "dpo":
-            raise ValueError(f"objective {self.objective!r} is not available yet; use objective='dpo'.")
-        if self.preset not in PRESETS:
+        if self.preset not in PRESETS:  # pragma: no cover - the Literal check above covers it
             raise ValueError(f"Unknown preset {self.preset!r}; use one of {sorted(PRESETS)}.")
+        need = _PRESET_OBJECTIVE.get(self.preset)
+        if need is not None and self.objective != need:
+            raise ValueError(f"preset {self.preset!r} is SAO's SimPO recipe (beta 10, gamma 3, lr 1e-6) and needs "
+                             f"objective={need!r}, got objective={self.objective!r}; pass objective={need!r}, or "
+                             "preset 'demo'/'paper' for DPO.")
+        if self.simpo_gamma is not None:
+            if self.objective != "simpo":
+                raise ValueError(f"simpo_gamma is SimPO's target margin and does nothing with objective="
+                                 f"{self.objective!r}; drop it, or pass objective='simpo'.")
+            if not self.simpo_gamma >= 0:
+                raise ValueError(f"simpo_gamma must be >= 0, got {self.simpo_gamma!r}; SimPO's margin is a "
+                                 "non-negative number (SAO uses 3).")
         for name in ("beta", "learning_rate", "epochs"):
             v = getattr(self, name)
             if v is not None and not v > 0:
@@ -228,13 +264,22 @@ class TrainConfig:
                              f"got {self.max_steps}.")
 
     def hyperparameters(self) -> dict[str, Any]:
-        """The preset's values with this config's overrides (what the trainer gets).
+        """The preset's values for this objective, with this config's overrides (what the trainer gets).
+
+        Keys: ``beta``, ``learning_rate``, ``epochs``, ``batch_size``, ``gradient_accumulation``,
+        ``max_length``, ``warmup_ratio``, ``scheduler``, and ``simpo_gamma`` for SimPO.
 
         Examples:
             >>> TrainConfig(preset="paper").hyperparameters()["batch_size"]
             8
+            >>> TrainConfig(objective="simpo").hyperparameters()["beta"]
+            2.0
         """
-        out = dict(PRESETS[self.preset])
+        preset = PRESETS[self.preset]
+        out = {k: v for k, v in preset.items() if k not in ("simpo_beta", "simpo_gamma")}
+        if self.objective == "simpo":
+            out["beta"] = preset["simpo_beta"]
+            out["simpo_gamma"] = preset["simpo_gamma"] if self.simpo_gamma is None else self.simpo_gamma
         for k in ("beta", "learning_rate", "epochs", "max_length", "batch_size", "gradient_accumulation"):
             v = getattr(self, k)
             if v is not None:
@@ -294,14 +339,16 @@ def load_train_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
 
 
-def train_curve(history: list[dict[str, Any]]) -> "matplotlib.figure.Figure":
+def train_curve(history: list[dict[str, Any]], *,
+                objective: Literal["dpo", "simpo"] = "dpo") -> "matplotlib.figure.Figure":
     """Loss, reward accuracy and reward margin per step (no pyplot, no global state)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 3.2))
     axes = fig.subplots(1, 3)
+    loss_title = {"dpo": "DPO loss", "simpo": "SimPO loss"}.get(objective, "loss")
     for ax, key, title in zip(axes, ("loss", "reward_accuracy", "reward_margin"),
-                              ("DPO loss", "reward accuracy", "reward margin")):
+                              (loss_title, "reward accuracy", "reward margin")):
         pts = [(r["step"], r[key]) for r in history if key in r]
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
@@ -330,82 +377,57 @@ def _pairs_dataset(pairs: Any) -> "datasets.Dataset":
     return Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
 
 
-def train_dpo(
+def train(
     pairs: Any,
     *,
+    config: TrainConfig = TrainConfig(),
     model_source: str | os.PathLike[str] | None = None,
     output_dir: str | os.PathLike[str],
-    preset: Literal["demo", "paper"] = "demo",
-    beta: float | None = None,
-    learning_rate: float | None = None,
-    epochs: float | None = None,
-    max_length: int | None = None,
-    batch_size: int | None = None,
-    gradient_accumulation: int | None = None,
-    max_steps: int = -1,
-    lora: bool = False,
-    seed: int = 0,
     device: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
     costs: "CostMeter | None" = None,
-    precision: Literal["auto", "fp32", "bf16"] = "auto",
-    gradient_checkpointing: bool = False,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
-    """Train a fresh copy of the model with DPO on ``pairs`` and save it as an HF folder.
+    """Train a fresh copy of the model on ``pairs`` with DPO or SimPO and save it as an HF folder.
+
+    ``config.objective="dpo"``: TRL's DPOTrainer, policy against a frozen reference copy of the same
+    model. ``"simpo"``: TRL's CPOTrainer with ``loss_type="simpo"``, ``cpo_alpha=0`` (pure SimPO, no
+    behaviour-cloning term), ``beta`` and ``simpo_gamma`` from the config; no reference model is loaded.
+    The precision comes from the hardware unless ``config.precision`` says otherwise (`choose_precision`);
+    the choice goes to ``log`` as one line and into ``train_config.json``.
 
     Args:
         pairs: `icon2_lens.generate_pairs` output, a list of such rows, or a ``generate`` folder /
             ``pairs.jsonl`` (conversational ``prompt``/``chosen``/``rejected``).
+        config: every training setting (`TrainConfig`; default: DPO, demo preset, automatic precision).
         model_source: what `icon2_lens.load_model` accepts (default: the embedded model).
         output_dir: the folder to write (refused if it exists and is not empty, unless ``overwrite``).
-        preset: ``"demo"`` (CPU-friendly) or ``"paper"``; the keyword options below override it.
-        beta: DPO beta.
-        learning_rate: peak learning rate (cosine schedule, warm-up 10%).
-        epochs: passes over the pairs.
-        max_length: tokens per prompt + response.
-        batch_size: pairs per device step.
-        gradient_accumulation: steps per optimizer update.
-        max_steps: stop after this many optimizer steps (``-1``: all epochs).
-        lora: train a LoRA adapter (needs ``peft``) and merge it into the saved weights.
-        seed: seed of TRL's trainer.
         device: ``"cpu"``/``"cuda"`` (default: CUDA if available).
         overwrite: replace an existing output folder.
         progress: show the trainer's progress bar.
-        costs: a `icon2_lens.costs.CostMeter` (from `icon2_lens.measure_costs`) that should count the
-            forward passes and tokens of the policy and reference models made here.
-        precision: ``"auto"`` (from the hardware, `choose_precision`), ``"fp32"`` or ``"bf16"``.
-        gradient_checkpointing: recompute activations in the backward pass (less memory, slower; off
-            by default, unlike TRL's own default).
+        costs: a `icon2_lens.runs.costs.CostMeter` (from `icon2_lens.measure_costs`) that should count the
+            forward passes and tokens of the models trained (and, for DPO, of the reference) here.
         log: where the one-line precision choice goes (default: ``print``).
 
     Returns:
         A `TrainResult`. The folder is written atomically: an interrupted run leaves no partial folder.
 
     Examples:
-        >>> res = il.train_dpo("runs/pairs", output_dir="runs/trained", max_steps=10)  # doctest: +SKIP
+        >>> cfg = il.training.TrainConfig(objective="simpo", preset="sao", max_steps=10)  # doctest: +SKIP
+        >>> res = il.training.train("runs/pairs", config=cfg, output_dir="runs/sao")  # doctest: +SKIP
         training precision: fp32 (CPU without native bf16 (AMD EPYC 7B13: no avx512_bf16/amx_bf16, ...))
-        >>> trained = il.load_model(res.output_dir)  # doctest: +SKIP
+        >>> res.history[-1]["reward_margin"]  # doctest: +SKIP
     """
-    config = TrainConfig(objective="dpo", preset=preset, beta=beta, learning_rate=learning_rate, epochs=epochs,
-                         max_length=max_length, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
-                         max_steps=max_steps, lora=lora, precision=precision,
-                         gradient_checkpointing=gradient_checkpointing, seed=seed)
-    return _run(pairs, config=config, model_source=model_source, output_dir=output_dir, device=device,
-                overwrite=overwrite, progress=progress, costs=costs, log=log)
-
-
-def _run(pairs: Any, *, config: TrainConfig, model_source: str | os.PathLike[str] | None,
-         output_dir: str | os.PathLike[str], device: str | None, overwrite: bool, progress: bool,
-         costs: "CostMeter | None", log: Callable[[str], None]) -> TrainResult:
-    """Load the models, resolve the precision, train, and write the output folder atomically."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .runs.io import check_output_folder
     from .models import _resolve_source
+    from .runs.io import check_output_folder
 
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}; build one with "
+                         "TrainConfig(objective=..., preset=..., ...).")
     cfg = config.hyperparameters()
     out = check_output_folder(output_dir, overwrite=overwrite)
     dataset = _pairs_dataset(pairs)
@@ -432,7 +454,7 @@ def _run(pairs: Any, *, config: TrainConfig, model_source: str | os.PathLike[str
             raise ImportError("lora=True needs peft: pip install peft") from exc
         peft_config = LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0,
                                  task_type="CAUSAL_LM")
-    else:
+    elif config.objective == "dpo":  # SimPO has no reference model
         ref = AutoModelForCausalLM.from_pretrained(hf_path, local_files_only=True, dtype=torch.float32)
     if costs is not None:
         for m in (policy, ref):
@@ -450,6 +472,74 @@ def _run(pairs: Any, *, config: TrainConfig, model_source: str | os.PathLike[str
             indent=2))
     return TrainResult(output_dir=out, log_path=out / "train_log.jsonl", curve_path=out / "train_curve.png",
                        steps=steps, history=history)
+
+
+def train_dpo(
+    pairs: Any,
+    *,
+    model_source: str | os.PathLike[str] | None = None,
+    output_dir: str | os.PathLike[str],
+    preset: Literal["demo", "paper"] = "demo",
+    beta: float | None = None,
+    learning_rate: float | None = None,
+    epochs: float | None = None,
+    max_length: int | None = None,
+    batch_size: int | None = None,
+    gradient_accumulation: int | None = None,
+    max_steps: int = -1,
+    lora: bool = False,
+    seed: int = 0,
+    device: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    costs: "CostMeter | None" = None,
+    precision: Literal["auto", "fp32", "bf16"] = "auto",
+    gradient_checkpointing: bool = False,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train a fresh copy of the model with DPO on ``pairs`` and save it as an HF folder.
+
+    `train` with ``TrainConfig(objective="dpo", ...)`` built from the keyword options.
+
+    Args:
+        pairs: `icon2_lens.generate_pairs` output, a list of such rows, or a ``generate`` folder /
+            ``pairs.jsonl`` (conversational ``prompt``/``chosen``/``rejected``).
+        model_source: what `icon2_lens.load_model` accepts (default: the embedded model).
+        output_dir: the folder to write (refused if it exists and is not empty, unless ``overwrite``).
+        preset: ``"demo"`` (CPU-friendly) or ``"paper"``; the keyword options below override it.
+        beta: DPO beta.
+        learning_rate: peak learning rate (cosine schedule, warm-up 10%).
+        epochs: passes over the pairs.
+        max_length: tokens per prompt + response.
+        batch_size: pairs per device step.
+        gradient_accumulation: steps per optimizer update.
+        max_steps: stop after this many optimizer steps (``-1``: all epochs).
+        lora: train a LoRA adapter (needs ``peft``) and merge it into the saved weights.
+        seed: seed of TRL's trainer.
+        device: ``"cpu"``/``"cuda"`` (default: CUDA if available).
+        overwrite: replace an existing output folder.
+        progress: show the trainer's progress bar.
+        costs: a `icon2_lens.runs.costs.CostMeter` (from `icon2_lens.measure_costs`) that should count the
+            forward passes and tokens of the policy and reference models made here.
+        precision: ``"auto"`` (from the hardware, `choose_precision`), ``"fp32"`` or ``"bf16"``.
+        gradient_checkpointing: recompute activations in the backward pass (less memory, slower; off
+            by default, unlike TRL's own default).
+        log: where the one-line precision choice goes (default: ``print``).
+
+    Returns:
+        A `TrainResult`. The folder is written atomically: an interrupted run leaves no partial folder.
+
+    Examples:
+        >>> res = il.train_dpo("runs/pairs", output_dir="runs/trained", max_steps=10)  # doctest: +SKIP
+        training precision: fp32 (CPU without native bf16 (AMD EPYC 7B13: no avx512_bf16/amx_bf16, ...))
+        >>> trained = il.load_model(res.output_dir)  # doctest: +SKIP
+    """
+    config = TrainConfig(objective="dpo", preset=preset, beta=beta, learning_rate=learning_rate, epochs=epochs,
+                         max_length=max_length, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
+                         max_steps=max_steps, lora=lora, precision=precision,
+                         gradient_checkpointing=gradient_checkpointing, seed=seed)
+    return train(pairs, config=config, model_source=model_source, output_dir=output_dir, device=device,
+                 overwrite=overwrite, progress=progress, costs=costs, log=log)
 
 
 def _checkpointing_kwargs(config_class: type, on: bool) -> dict[str, bool]:
@@ -480,14 +570,23 @@ def _scratch_folder(out: Path, rank: int) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _cpo_classes() -> tuple[type, type]:
+    """TRL's CPOConfig and CPOTrainer (in ``trl.experimental`` since TRL 0.2x; its import warning silenced)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*trl.experimental.*")
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+    return CPOConfig, CPOTrainer
+
+
 def _train(policy: Any, ref: Any, peft_config: Any, tokenizer: Any, dataset: Any, cfg: dict[str, Any], *,
            config: TrainConfig, precision: Literal["fp32", "bf16"], work: Path, out: Path, device: str,
            progress: bool) -> tuple[int, list[dict[str, Any]]]:
-    """Run TRL's DPOTrainer; save the model, tokenizer, log and curve into ``out`` (the caller's temp folder)."""
+    """Run TRL's DPOTrainer or CPOTrainer (SimPO); save the model, tokenizer, log and curve into ``out``."""
     import shutil
 
     from transformers import TrainerCallback
-    from trl import DPOConfig, DPOTrainer
 
     log_path = out / "train_log.jsonl"
     history: list[dict[str, Any]] = []
@@ -507,17 +606,27 @@ def _train(policy: Any, ref: Any, peft_config: Any, tokenizer: Any, dataset: Any
                 with log_path.open("a", encoding="utf-8") as f:
                     f.write(json.dumps(row) + "\n")
 
-    args = DPOConfig(
+    common = dict(
         output_dir=str(work), beta=cfg["beta"], learning_rate=cfg["learning_rate"],
         num_train_epochs=cfg["epochs"], max_steps=config.max_steps, per_device_train_batch_size=cfg["batch_size"],
         gradient_accumulation_steps=cfg["gradient_accumulation"], max_length=cfg["max_length"],
         lr_scheduler_type=cfg["scheduler"], warmup_steps=cfg["warmup_ratio"], logging_steps=1, save_strategy="no",
         report_to="none", use_cpu=device == "cpu", seed=config.seed, disable_tqdm=not progress,
         # explicit, never TRL's defaults (bf16=True, gradient_checkpointing=True): see choose_precision
-        bf16=precision == "bf16", fp16=False, **_checkpointing_kwargs(DPOConfig, config.gradient_checkpointing),
+        bf16=precision == "bf16", fp16=False,
     )
-    trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=[_Log()])
+    if config.objective == "simpo":
+        CPOConfig, CPOTrainer = _cpo_classes()
+        args = CPOConfig(**common, loss_type="simpo", cpo_alpha=0.0, simpo_gamma=cfg["simpo_gamma"],
+                         **_checkpointing_kwargs(CPOConfig, config.gradient_checkpointing))
+        trainer = CPOTrainer(model=policy, args=args, train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=peft_config, callbacks=[_Log()])
+    else:
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(**common, **_checkpointing_kwargs(DPOConfig, config.gradient_checkpointing))
+        trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=dataset,
+                             processing_class=tokenizer, peft_config=peft_config, callbacks=[_Log()])
     try:
         trainer.train()
     finally:
@@ -528,5 +637,5 @@ def _train(policy: Any, ref: Any, peft_config: Any, tokenizer: Any, dataset: Any
     model.config.use_cache = True  # the trainer turns the KV cache off; generation from the saved folder needs it
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    train_curve(history).savefig(out / "train_curve.png", dpi=110)
+    train_curve(history, objective=config.objective).savefig(out / "train_curve.png", dpi=110)
     return int(trainer.state.global_step), history

@@ -26,7 +26,7 @@ def _planted(n=64, layers=3, d=16, noise=0.01, offset=0.0, seed=0):
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_recovers_planted_direction(method):
     pos, neg, v = _planted()
-    u, _ = il.directions_from_activations(pos, neg, method=method)
+    u, _ = il.directions.directions_from_activations(pos, neg, method=method)
     assert u.shape == v.shape
     torch.testing.assert_close(u.norm(dim=-1), torch.ones(3))
     cos = cosine_per_layer(u, v)
@@ -42,7 +42,7 @@ def test_sign_follows_mean_difference(method, seed):
     k = (0.5 + torch.rand(32, 1, 1, generator=g))
     for sign in (1.0, -1.0):
         neg = pos - sign * planted * k
-        u, stats = il.directions_from_activations(pos, neg, method=method)
+        u, stats = il.directions.directions_from_activations(pos, neg, method=method)
         mean_diff = (pos - neg).mean(0)
         assert ((u * mean_diff).sum(-1) > 0).all()
         assert (stats["proj_gap"] > 0).all()
@@ -57,8 +57,8 @@ def test_pca_centered_differs_from_pca_when_differences_have_off_axis_spread():
     diff = 3 * mean_dir + torch.randn(200, 1, generator=g) * spread_dir + 0.01 * torch.randn(200, 4, generator=g)
     neg = torch.randn(200, 4, generator=g)
     pos = neg + diff
-    u_mean, _ = il.directions_from_activations(pos[:, None], neg[:, None], method="mean_diff")
-    u_cent, _ = il.directions_from_activations(pos[:, None], neg[:, None], method="pca_centered")
+    u_mean, _ = il.directions.directions_from_activations(pos[:, None], neg[:, None], method="mean_diff")
+    u_cent, _ = il.directions.directions_from_activations(pos[:, None], neg[:, None], method="pca_centered")
     assert abs(float(u_mean[0] @ mean_dir)) > 0.99
     assert abs(float(u_cent[0] @ spread_dir)) > 0.99
 
@@ -139,7 +139,7 @@ def test_stats_match_direct_computation(method, offset):
 
 def test_pca_is_top_eigenvector_of_uncentred_differences():
     pos, neg, _ = _planted(n=30, noise=0.5, seed=3)
-    u, _ = il.directions_from_activations(pos, neg, method="pca")
+    u, _ = il.directions.directions_from_activations(pos, neg, method="pca")
     diff = (pos - neg).double()
     for layer in range(3):
         d = diff[:, layer]

@@ -76,8 +76,8 @@ def test_pairwise_judge_refuses_pointwise_use():
 def test_old_import_paths_are_the_same_objects():
     for name in ("Scorer", "Judge", "ProbeScorer", "RewardModelScorer", "PairwiseJudge"):
         assert getattr(evaluation, name) is getattr(judges, name)
-    assert il.PairwiseJudge is judges.PairwiseJudge and il.ProbeScorer is judges.ProbeScorer
-    assert il.RewardModelScorer is judges.RewardModelScorer
+    assert il.judges.PairwiseJudge is judges.PairwiseJudge and il.judges.ProbeScorer is judges.ProbeScorer
+    assert il.judges.RewardModelScorer is judges.RewardModelScorer
 
 
 def _pair(chosen, rejected):

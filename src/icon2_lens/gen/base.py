@@ -56,7 +56,7 @@ class Decoding:
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}.")
+            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens!r}.")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be above 0, got {self.temperature}; use do_sample=False for greedy.")
         if not 0 < self.top_p <= 1:

@@ -56,7 +56,7 @@ def merge_shards(
     - ``"score"``: the selection: ``scores.jsonl``, ``selected.jsonl``, ``consistency_hist.png``,
       ``score_report.json`` (see `icon2_lens.scoring.save_scores`).
     - ``"generate"``: ``pairs.jsonl``, ``generation.json`` (without the shard) and ``report.json``
-      with the model-free figures of `icon2_lens.pair_report` only (no ``win_share``: the probe scorer
+      with the model-free figures of `icon2_lens.evaluation.pair_report` only (no ``win_share``: the probe scorer
       of the unsharded command needs the model; call ``pair_report(pairs, scorer=ProbeScorer(...))``).
 
     Args:
@@ -71,7 +71,7 @@ def merge_shards(
 
     Returns:
         The merged rows as a ``datasets.Dataset``, equal to what the unsharded call returns: the kept
-        instructions (synthesize, with the report for `icon2_lens.synthesis_report`), the full score
+        instructions (synthesize, with the report for `icon2_lens.synthesis.synthesis_report`), the full score
         table (score), or the pairs (generate).
 
     Examples:

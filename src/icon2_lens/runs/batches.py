@@ -59,6 +59,8 @@ class BatchJob:
         desc: progress-bar label.
         unit: progress-bar unit.
         shard_settings: more settings that must agree across shards (written into ``shard.json``).
+        files: the stage's file names (default: ``names.STAGE_FILES[stage]``; a new pair-making method
+            reuses ``names.STAGE_FILES["generate"]``).
     """
 
     stage: str
@@ -71,6 +73,7 @@ class BatchJob:
     desc: str = "batches"
     unit: str = "row"
     shard_settings: dict[str, Any] = field(default_factory=dict)
+    files: names.StageFiles | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -150,7 +153,9 @@ def run_batches(
     done: list[dict[str, Any]] = []
     n_done = 0
     if out is not None:
-        files = names.STAGE_FILES[job.stage]
+        files = job.files or names.STAGE_FILES.get(job.stage)
+        if files is None:
+            raise ValueError(f"Stage {job.stage!r} has no file names; pass BatchJob(files=...).")
         run_settings = dict(settings or {})
         if shard is not None:
             run_settings["shard"] = shard_label(shard)

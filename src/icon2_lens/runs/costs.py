@@ -88,7 +88,7 @@ def load_costs(path: str | os.PathLike[str]) -> StageCost:
     """Read a ``costs.json`` (or the one inside a stage folder).
 
     Examples:
-        >>> il.load_costs("runs/demo/generate").generated_tokens  # doctest: +SKIP
+        >>> il.runs.load_costs("runs/demo/generate").generated_tokens  # doctest: +SKIP
     """
     p = Path(path)
     p = p / "costs.json" if p.is_dir() else p
@@ -272,6 +272,6 @@ def cost_table(costs: Sequence[StageCost], *, per: tuple[str, int] | None = None
         per: ``(name, count)``, e.g. ``("kept pair", 24)``: adds a row dividing the total by ``count``.
 
     Examples:
-        >>> print(il.cost_table([il.load_costs(d) for d in folders], per=("kept pair", 24)))  # doctest: +SKIP
+        >>> print(il.runs.cost_table([il.runs.load_costs(d) for d in folders], per=("kept pair", 24)))  # doctest: +SKIP
     """
     return _cost_table(costs, per=per)

@@ -1,0 +1,139 @@
+"""Command-line options generated from config dataclasses (so the CLI's defaults are the library's).
+
+Every field of a stage's config dataclass becomes ``--field-name``: booleans as ``--x/--no-x``, ``Literal``
+options as choices, ``X | None`` as an optional ``X``, layer choices parsed from ``all``, ``suggested``,
+``10-19`` or ``3,5,7``. An option not given stays ``None`` and the dataclass's default applies, so one
+default serves Python, CLI and pipeline; ``--help`` shows it. Help texts come from the dataclass's
+``Attributes:`` docstring section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import types
+import typing
+from typing import Any, Literal, Sequence
+
+__all__ = ["add_config_options", "config_from_args", "given_options", "parse_layers"]
+
+
+def parse_layers(text: str) -> str | list[int]:
+    """``"all"``, ``"suggested"``, a range ``"10-19"`` or a list ``"3,5,7"``.
+
+    Examples:
+        >>> parse_layers("10-12"), parse_layers("3,5"), parse_layers("all")
+        ([10, 11, 12], [3, 5], 'all')
+    """
+    if text in ("all", "suggested"):
+        return text
+    try:
+        if "-" in text.strip("-") and "," not in text:
+            a, b = text.split("-")
+            return list(range(int(a), int(b) + 1))
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--layers {text!r}: use 'all', 'suggested', a range like '10-19' or a list like '3,5,7'."
+                         ) from None
+
+
+class _LayersText(str):
+    """A ``--layers`` value, parsed by `given_options` (so a bad value is a clear error, exit code 2)."""
+
+
+def _field_help(cls: type) -> dict[str, str]:
+    doc = inspect_doc(cls)
+    out: dict[str, str] = {}
+    if "Attributes:" not in doc:
+        return out
+    current = None
+    for line in doc.split("Attributes:", 1)[1].splitlines():
+        m = re.match(r"^\s{4,8}(\w+): (.*)$", line)
+        if m and not line.startswith(" " * 12):
+            current = m.group(1)
+            out[current] = m.group(2).strip()
+        elif current and line.strip():
+            out[current] += " " + line.strip()
+        elif not line.strip() and current:
+            current = None
+    return out
+
+
+def inspect_doc(cls: type) -> str:
+    """The class docstring, dedented."""
+    import inspect
+
+    return inspect.getdoc(cls) or ""
+
+
+def _options(hint: Any) -> tuple[Any, list[Any] | None, bool]:
+    """(argparse type, choices, is_bool) for a field's type."""
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        return None, None, True
+    if origin is Literal:
+        return type(args[0]), list(args), False
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in args if a is not type(None)]
+        literals = [a for a in members if typing.get_origin(a) is Literal]
+        lists = [a for a in members if typing.get_origin(a) is list]
+        if literals and lists and typing.get_args(lists[0]) == (int,):
+            return _LayersText, None, False
+        if len(members) == 1:
+            return _options(members[0])
+        return str, None, False
+    if hint in (int, float, str):
+        return hint, None, False
+    return str, None, False
+
+
+def add_config_options(parser: argparse.ArgumentParser, cls: type, *, skip: Sequence[str] = (),
+                       exclusive: Sequence[Sequence[str]] = ()) -> list[str]:
+    """Add ``--field-name`` for every field of the config dataclass ``cls``; return the field names added.
+
+    Args:
+        parser: the subcommand's parser.
+        cls: a config dataclass (e.g. `icon2_lens.pairs.PairsConfig`).
+        skip: fields that get no option (or have a hand-written one).
+        exclusive: groups of fields that are mutually exclusive on the command line.
+
+    Examples:
+        >>> p = argparse.ArgumentParser(); add_config_options(p, PairsConfig)  # doctest: +SKIP
+    """
+    hints = typing.get_type_hints(cls)
+    helps = _field_help(cls)
+    groups = {name: parser.add_mutually_exclusive_group() for grp in exclusive for name in grp[:1]}
+    group_of = {name: groups[grp[0]] for grp in exclusive for name in grp}
+    added = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        typ, choices, is_bool = _options(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        text = f"{helps.get(f.name, '')} (default: {default})".strip().replace("%", "%%")
+        target = group_of.get(f.name, parser)
+        flag = "--" + f.name.replace("_", "-")
+        if is_bool:
+            target.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=text)
+        else:
+            target.add_argument(flag, dest=f.name, type=typ, choices=choices, default=None, help=text)
+        added.append(f.name)
+    return added
+
+
+def given_options(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of ``cls`` given on the command line (not ``None``)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            out[f.name] = parse_layers(value) if isinstance(value, _LayersText) else value
+    return out
+
+
+def config_from_args(args: argparse.Namespace, cls: type, base: dict[str, Any] | None = None) -> Any:
+    """``cls(**base, **given)``: options given on the command line over ``base`` over the dataclass defaults."""
+    return cls(**{**(base or {}), **given_options(args, cls)})

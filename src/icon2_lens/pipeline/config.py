@@ -1,0 +1,143 @@
+"""The run config, built from the stage registry: each section is its stage's config dataclass.
+
+A section's fields and defaults are those of the library's config dataclass (`icon2_lens.pairs.PairsConfig`,
+...), plus the stage's pipeline-only fields (what to read, demo sizes). Validation is strict: an unknown
+key or a value of the wrong type is an error naming the key; a dataclass's own checks (e.g. gamma- below
+gamma+) run when the config is loaded, not when the stage starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model, model_validator
+
+from .stages import STAGES, StageSpec
+
+__all__ = ["RunConfig", "load_config", "run_config_model", "section_fields", "stage_config"]
+
+_STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
+#: Settings the run gives every stage (so no section repeats them).
+RUN_LEVEL = ("seed",)
+
+
+def section_fields(spec: StageSpec) -> dict[str, tuple[Any, Any]]:
+    """``name -> (type, default)`` of a stage's section: its config dataclass, its pipeline-only fields, and
+    the pipeline's own defaults (``spec.pipeline_defaults``) on top."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for cls in (spec.config, spec.extra):
+        if cls is None:
+            continue
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in RUN_LEVEL:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            out[f.name] = (hints[f.name], default)
+    for key, value in spec.pipeline_defaults.items():
+        out[key] = (out[key][0], value)
+    return out
+
+
+def _section_model(spec: StageSpec) -> type[BaseModel]:
+    def check(self: BaseModel) -> BaseModel:
+        stage_config(spec, self)  # the dataclass's own checks, as a config error
+        return self
+
+    validators: dict[str, Any] = {"_dataclass_checks": model_validator(mode="after")(check)}
+    if spec.prepare is not None:
+        validators["_prepare"] = model_validator(mode="before")(classmethod(lambda cls, data: spec.prepare(data)))
+    return create_model(f"{spec.name.title()}Section", __config__=_STRICT, __validators__=validators,
+                        __doc__=spec.help, **section_fields(spec))
+
+
+def stage_config(spec: StageSpec, section: Any) -> Any:
+    """The stage's config dataclass from its validated section (pipeline-only fields left out)."""
+    names = {f.name for f in dataclasses.fields(spec.config)} - set(RUN_LEVEL)
+    values = section.model_dump() if isinstance(section, BaseModel) else dict(section)
+    return spec.config(**{k: v for k, v in values.items() if k in names})
+
+
+class _RunBase(BaseModel):
+    model_config = _STRICT
+
+    def to_dict(self) -> dict[str, Any]:
+        """The full config with every default filled in (what ``config.yaml`` holds)."""
+        return self.model_dump(mode="json")
+
+
+def run_config_model(stages: Mapping[str, StageSpec]) -> type[_RunBase]:
+    """The run-config model of a stage registry: model settings plus one section per stage.
+
+    Examples:
+        >>> cfg = run_config_model(STAGES)()  # the defaults: what `RunConfig()` gives
+    """
+    sections = {s.name: (m, m()) for s, m in ((s, _section_model(s)) for s in stages.values())}
+    return create_model(  # type: ignore[call-overload, no-any-return]
+        "RunConfig", __base__=_RunBase,
+        model=(str | None, None), dtype=(Literal["float32", "bfloat16", "float16"], "float32"),
+        device=(str | None, None), seed=(int, 0), **sections)
+
+
+#: A whole run: model settings and one section per registered stage (`icon2_lens.pipeline.stages.STAGES`).
+#: Unknown keys and wrong types are errors naming the key. Every field has a default: the demo size, which
+#: runs on the embedded model in minutes on a 2-core CPU. ``model``: what `icon2_lens.load_model` accepts
+#: (``null``: the embedded model). Example: ``RunConfig.model_validate({"synthesize": {"n": 32}}).synthesize.n``.
+RunConfig = run_config_model(STAGES)
+
+
+def _validation_message(exc: ValidationError, where: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown key {key!r}")
+        elif err["type"] == "value_error":
+            lines.append(f"{key}: {str(err['msg']).removeprefix('Value error, ').rstrip('.')}")
+        else:
+            got = err.get("input")
+            lines.append(f"{key}: {err['msg'].rstrip('.')} (got {got!r})")
+    return f"Invalid config {where}: " + "; ".join(lines) + ". See `icon2-lens run --help` and docs/pipeline.md."
+
+
+def load_config(source: "str | os.PathLike[str] | dict[str, Any] | _RunBase | None" = None, *,
+                stages: Mapping[str, StageSpec] | None = None) -> _RunBase:
+    """Read and validate a run config: a YAML file, a dict, a run config, or ``None`` for the defaults.
+
+    Args:
+        source: the config.
+        stages: a stage registry other than `icon2_lens.pipeline.stages.STAGES` (e.g. with a new method).
+
+    Raises:
+        ValueError: an unknown key or a value of the wrong type, naming the key.
+
+    Examples:
+        >>> load_config({"generate": {"gamma_pos": 0.05}}).generate.gamma_pos
+        0.05
+    """
+    model = RunConfig if stages is None or stages is STAGES else run_config_model(stages)
+    if source is None:
+        return model()
+    if isinstance(source, model):
+        return source
+    where = "(dict)"
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"Config file {path} does not exist.")
+        where = str(path)
+        try:
+            source = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(source, dict):
+        raise ValueError(f"Invalid config {where}: expected a mapping of sections, got {type(source).__name__}.")
+    try:
+        return model.model_validate(source)
+    except ValidationError as exc:
+        raise ValueError(_validation_message(exc, where)) from None

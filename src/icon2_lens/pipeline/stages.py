@@ -1,0 +1,232 @@
+"""The stage registry: each stage declares its name, inputs, config dataclass, run and (if sharded) merge.
+
+The run engine (`icon2_lens.pipeline.run`), the run config (`icon2_lens.pipeline.config`), the shard
+merge and the CLI are built from `STAGES`. A stage's config dataclass lives beside its library function
+(e.g. `icon2_lens.pairs.PairsConfig`) and is the one source of its defaults; ``extra`` holds what only the
+pipeline needs (which instructions to read, demo sizes), and ``pipeline_defaults`` the few library
+defaults the demo run changes (sizes only; a test lists them).
+
+Adding a stage (a new pair-making method, say) is one `StageSpec` and one entry here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from ..directions import DirectionSet, ExtractConfig, extract_directions
+from ..evaluation import EvaluateConfig, PairwiseJudge, ProbeScorer, evaluate, pair_report
+from ..instructions import load_instructions
+from ..layers import LayersConfig, layer_report
+from ..models import LoadedModel, load_model
+from ..pairs import PairsConfig, generate_pairs
+from ..runs import names
+from ..runs.costs import CostMeter
+from ..runs.io import atomic_write_text, read_jsonl
+from ..scoring import ScoreConfig, save_scores, score_instructions, scoring_layers
+from ..synthesis import SynthesisConfig, synthesize_instructions
+from ..training import TrainConfig, train
+
+__all__ = ["StageSpec", "StageContext", "STAGES", "stage_order"]
+
+#: ``(context, stage folder, cost meter, stage config, section) -> (rows, written paths)``.
+RunStage = Callable[["StageContext", Path, CostMeter, Any, Any], tuple[int, list[Path]]]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of the pipeline.
+
+    Attributes:
+        name: the stage's name (its folder in a run directory, its CLI subcommand, its config section).
+        inputs: the stages whose outputs it reads (a change upstream re-runs it).
+        config: its config dataclass (the one source of defaults).
+        run: runs the stage into its folder.
+        extra: a dataclass of pipeline-only fields (what to read, demo sizes), or ``None``.
+        pipeline_defaults: library defaults the demo run changes (sizes only).
+        prepare: rewrites a section dict before validation (e.g. one selection rule replacing another).
+        uses_model: whether the stage, with this section, runs the base model (loaded once, watched for costs).
+        help: one line for ``--help`` and the docs.
+    """
+
+    name: str
+    inputs: tuple[str, ...]
+    config: type
+    run: RunStage
+    extra: type | None = None
+    pipeline_defaults: dict[str, Any] = field(default_factory=dict)
+    prepare: Callable[[Any], Any] | None = None
+    uses_model: Callable[[Any], bool] = lambda section: True
+    help: str = ""
+
+
+class StageContext:
+    """What stages share in one run: the config, the run directory, the base model (loaded once, if needed)."""
+
+    def __init__(self, cfg: Any, out: Path, progress: bool) -> None:
+        self.cfg, self.out, self.progress = cfg, out, progress
+        self._model: LoadedModel | None = None
+
+    @property
+    def model(self) -> LoadedModel:
+        """The base model, loaded on first use."""
+        if self._model is None:
+            import torch
+
+            self._model = load_model(self.cfg.model, device=self.cfg.device, dtype=getattr(torch, self.cfg.dtype))
+        return self._model
+
+    def directions(self) -> DirectionSet:
+        """The directions with the suggested layers (the ``layers`` stage's output)."""
+        return DirectionSet.load(self.out / "layers" / names.DIRECTIONS)
+
+    def close(self) -> None:
+        """Drop the model."""
+        self._model = None
+
+
+# ---- pipeline-only fields ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExtractInputs:
+    """What `extract` reads: criteria (``null``: the four defaults), a feature set and how many of it."""
+
+    criteria: str | list[str] | None = None
+    instructions: str = "default"
+    n_instructions: int | None = 64
+
+
+@dataclass(frozen=True, kw_only=True)
+class SynthesizeInputs:
+    """``n`` generations; or ``source``: your own instructions (a built-in set, a file or a folder) instead."""
+
+    source: str | None = None
+    n: int = 64
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateInputs:
+    """Held-out instructions (a built-in set, a file or a folder), how many, and an optional judge model."""
+
+    instructions: str = "heldout"
+    n: int | None = 16
+    judge: str | None = None
+
+
+# ---- runners -------------------------------------------------------------------------------------------
+
+
+def _extract(ctx: StageContext, folder: Path, meter: CostMeter, cfg: ExtractConfig, sec: Any) -> tuple[int, list[Path]]:
+    dirs = extract_directions(ctx.model, sec.criteria, load_instructions(sec.instructions, limit=sec.n_instructions),
+                              method=cfg.method, hook=cfg.hook, batch_size=cfg.batch_size, stability=cfg.stability,
+                              seed=ctx.cfg.seed, progress=ctx.progress)
+    dirs.save(folder / names.DIRECTIONS, overwrite=True)  # a resumed stage may find it written already
+    return len(dirs.criteria), [folder / names.DIRECTIONS]
+
+
+def _layers(ctx: StageContext, folder: Path, meter: CostMeter, cfg: LayersConfig, sec: Any) -> tuple[int, list[Path]]:
+    dirs = DirectionSet.load(ctx.out / "extract" / names.DIRECTIONS, model=ctx.model)
+    report = layer_report(ctx.model, dirs, n_heldout=cfg.n_heldout, n_paraphrase_instructions=cfg.n_paraphrase_instructions,
+                          width=cfg.width, batch_size=cfg.batch_size, progress=ctx.progress)
+    written = report.save(folder)
+    target = report.apply(dirs).save(folder / names.DIRECTIONS, overwrite=True)
+    return len(report.suggested_layers), [*written.values(), target]
+
+
+def _synthesize(ctx: StageContext, folder: Path, meter: CostMeter, cfg: SynthesisConfig,
+                sec: Any) -> tuple[int, list[Path]]:
+    if sec.source is not None:
+        rows = load_instructions(sec.source)
+        atomic_write_text(folder / names.INSTRUCTIONS, "".join(json.dumps({"instruction": q}) + "\n" for q in rows))
+        return len(rows), [folder / names.INSTRUCTIONS]
+    ds = synthesize_instructions(ctx.model, sec.n, seed=ctx.cfg.seed, out=folder, progress=ctx.progress,
+                                 **dataclasses.asdict(cfg))
+    return len(ds), [folder / names.INSTRUCTIONS, folder / names.SYNTHESIS_REPORT]
+
+
+def _score(ctx: StageContext, folder: Path, meter: CostMeter, cfg: ScoreConfig, sec: Any) -> tuple[int, list[Path]]:
+    table = score_instructions(ctx.model, ctx.directions(), ctx.out / "synthesize", layers=cfg.layers,
+                               standardize=cfg.standardize, render=cfg.render, batch_size=cfg.batch_size,
+                               progress=ctx.progress)
+    paths = save_scores(table, folder, top_fraction=cfg.top_fraction, top_k=cfg.top_k, threshold=cfg.threshold,
+                        balance_criteria=cfg.balance_criteria, overwrite=True)
+    return len(read_jsonl(folder / names.SELECTED)), paths
+
+
+def _generate(ctx: StageContext, folder: Path, meter: CostMeter, cfg: PairsConfig, sec: Any) -> tuple[int, list[Path]]:
+    dirs = ctx.directions()
+    pairs = generate_pairs(ctx.model, dirs, ctx.out / "score" / names.SELECTED, cfg, seed=ctx.cfg.seed, out=folder,
+                           progress=ctx.progress)
+    report = pair_report(pairs, scorer=ProbeScorer(ctx.model, dirs, layers=scoring_layers(dirs, cfg.layers)))
+    atomic_write_text(folder / names.PAIR_REPORT, json.dumps(report, indent=2))
+    return len(pairs), [folder / names.PAIRS, folder / names.PAIR_REPORT]
+
+
+def _train(ctx: StageContext, folder: Path, meter: CostMeter, cfg: TrainConfig, sec: Any) -> tuple[int, list[Path]]:
+    res = train(ctx.out / "generate", config=dataclasses.replace(cfg, seed=ctx.cfg.seed), model_source=ctx.cfg.model,
+                output_dir=folder / names.TRAINED_MODEL, device=ctx.cfg.device, overwrite=True, progress=ctx.progress,
+                costs=meter)
+    return res.steps, [res.output_dir, res.log_path, res.curve_path]
+
+
+def _evaluate(ctx: StageContext, folder: Path, meter: CostMeter, cfg: EvaluateConfig,
+              sec: Any) -> tuple[int, list[Path]]:
+    import torch
+
+    dirs = ctx.directions()
+    trained = load_model(ctx.out / "train" / names.TRAINED_MODEL, device=ctx.cfg.device,
+                         dtype=getattr(torch, ctx.cfg.dtype))
+    meter.watch_model(trained)
+    judge = None
+    if sec.judge is not None:
+        jm = load_model(sec.judge, device=ctx.cfg.device)
+        meter.watch_model(jm)
+        judge = PairwiseJudge(jm)
+    trained_on = [r["instruction"] for r in read_jsonl(ctx.out / "generate" / names.PAIRS)]
+    instructions = load_instructions(sec.instructions, limit=sec.n)
+    steer_layers = scoring_layers(dirs, ctx.cfg.generate.layers)
+    evaluate(ctx.model, trained, dirs, instructions, judge=judge, layers=steer_layers, max_new_tokens=cfg.max_new_tokens,
+             batch_size=cfg.batch_size, training_instructions=trained_on, out=folder, overwrite=True,
+             progress=ctx.progress)
+    return len(instructions), [folder / names.EVAL_REPORT, folder / names.METRICS]
+
+
+def _one_selection_rule(data: Any) -> Any:
+    """Giving ``top_fraction`` or ``threshold`` replaces the demo's default ``top_k`` rule."""
+    if isinstance(data, dict) and "top_k" not in data and (
+            data.get("top_fraction") is not None or data.get("threshold") is not None):
+        data = {**data, "top_k": None}
+    return data
+
+
+#: The stages in run order.
+STAGES: dict[str, StageSpec] = {s.name: s for s in (
+    StageSpec("extract", (), ExtractConfig, _extract, extra=ExtractInputs,
+              help="criterion directions from contrasting system prompts"),
+    StageSpec("layers", ("extract",), LayersConfig, _layers,
+              pipeline_defaults={"n_heldout": 16, "n_paraphrase_instructions": 4},
+              help="per-layer separations and the suggested steering range"),
+    StageSpec("synthesize", (), SynthesisConfig, _synthesize, extra=SynthesizeInputs,
+              uses_model=lambda section: section.source is None,
+              help="Magpie-style instructions written by the model"),
+    StageSpec("score", ("layers", "synthesize"), ScoreConfig, _score, pipeline_defaults={"top_k": 24},
+              prepare=_one_selection_rule, help="consistency scores (Eq. 2/3) and the selection"),
+    StageSpec("generate", ("layers", "score"), PairsConfig, _generate,
+              help="bidirectional steered generation into preference pairs"),
+    StageSpec("train", ("generate",), TrainConfig, _train, uses_model=lambda section: False,  # loads its own
+              help="DPO or SimPO on the pairs (TRL)"),
+    StageSpec("evaluate", ("layers", "score", "train"), EvaluateConfig, _evaluate, extra=EvaluateInputs,
+              help="base vs trained on held-out instructions"),
+)}
+
+
+def stage_order() -> list[str]:
+    """Stage names in run order."""
+    return list(STAGES)
+
+
+StageName = Literal["extract", "layers", "synthesize", "score", "generate", "train", "evaluate"]
