@@ -16,21 +16,8 @@ from icon2_lens.gen import Decoding, SteerSpec
 
 from conftest import INSTRUCTIONS
 
-FIXTURE = Path(__file__).parent / "fixtures" / "generation_before_gen_seam.json"
-sys.path.insert(0, str(FIXTURE.parent))
-
-
-def _recorded(model, dirs, layers, n_new, which):
-    """(expected, got). The bridge entries are expected to equal the HF ones: the fixture's bridge rows were
-    decoded with TransformerLens's KV cache, which drifts on transformers 5.24 (see icon2_lens.gen.bridge);
-    the bridge engine decodes without it and now agrees with the HF engine, as it did before that drift."""
-    from make_generation_fixture import cases
-
-    expected = json.loads(FIXTURE.read_text())[which]
-    for key in [k for k in expected if k.startswith("greedy/bridge/")]:
-        expected[key] = expected[key.replace("/bridge/", "/hf/")]
-    got = json.loads(json.dumps(cases(model, dirs, layers, n_new), ensure_ascii=False))
-    return expected, got
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+from make_generation_fixture import recorded  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +26,8 @@ def dirs(tiny_model):
 
 
 def test_tokens_identical_to_the_fixture_recorded_before_the_seam(tiny_model, dirs):
-    expected, got = _recorded(tiny_model, dirs, [1, 2], 12, "tiny")
+    expected, got = recorded(tiny_model, dirs, [1, 2], 12, "tiny")
     assert got.keys() == expected.keys()
-    for key in expected:
-        assert got[key] == expected[key], key
-
-
-@pytest.mark.integration
-def test_smol_tokens_identical_to_the_fixture_recorded_before_the_seam(smol):
-    from make_generation_fixture import INSTRUCTIONS as SMOL_INSTRUCTIONS
-
-    d = il.extract_directions(smol, ["helpful", "honest"], SMOL_INSTRUCTIONS, batch_size=6, progress=False)
-    expected, got = _recorded(smol, d, list(range(15, 25)), 24, "smol")
     for key in expected:
         assert got[key] == expected[key], key
 

@@ -21,7 +21,7 @@ pytest.importorskip("ipykernel")
 
 from nbclient.exceptions import CellExecutionError, CellTimeoutError  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 KERNEL = "python3"
 CELL_TIMEOUT_S = 600

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -191,3 +192,17 @@ def test_pipeline_tiny_config_end_to_end(smol, tmp_path):
     assert trained.info.fingerprint == smol.info.fingerprint
     res = il.run_pipeline(None, out=out, progress=False, log=None)
     assert res.ran == [] and len(res.skipped) == 7
+
+
+# ---- the engine seam keeps the tokens of the code before it (tests/tiny/test_gen.py has the tiny-model half) --
+
+
+def test_smol_tokens_identical_to_the_fixture_recorded_before_the_seam(smol):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+    from make_generation_fixture import INSTRUCTIONS as SMOL_INSTRUCTIONS
+    from make_generation_fixture import recorded
+
+    d = il.extract_directions(smol, ["helpful", "honest"], SMOL_INSTRUCTIONS, batch_size=6, progress=False)
+    expected, got = recorded(smol, d, list(range(15, 25)), 24, "smol")
+    for key in expected:
+        assert got[key] == expected[key], key
