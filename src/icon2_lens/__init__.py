@@ -20,7 +20,12 @@ Building blocks live in subpackages: `il.gen` (the engine seam), `il.math` (pure
 (`il.pairs`, `il.scoring`, ...).
 """
 
-from . import gen, judges, math, reports, runs
+# Building blocks reachable as il.gen, il.judges, il.math, il.reports, il.runs (redundant aliases: explicit re-exports).
+from . import gen as gen
+from . import judges as judges
+from . import math as math
+from . import reports as reports
+from . import runs as runs
 from .activations import read_last_token
 from .calibration import calibrate_gamma
 from .criteria import DEFAULT_CRITERIA, Criterion, load_criteria

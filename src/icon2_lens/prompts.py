@@ -7,8 +7,9 @@ templates). A model without a chat template gets a clear error; pass ``chat_temp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 __all__ = [
     "render_chat",
@@ -59,8 +60,8 @@ def render_chat(
             end-of-turn token); otherwise it ends with the generation prompt (assistant-turn start).
 
     Examples:
-        >>> render_chat(tok, "Hi", system="You are a helpful assistant.")  # doctest: +SKIP
-        '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
+        >>> render_chat(tok, "Hi", system="Be brief.")  # doctest: +SKIP
+        '<|im_start|>system\\nBe brief.<|im_end|>\\n<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
     """
     require_chat_template(tokenizer)
     messages = _messages(system, user)
@@ -150,8 +151,8 @@ def scoring_texts(
     system prompt when none is given (SmolLM2: "You are a helpful AI assistant named SmolLM ...")
     keeps it: that is the state the model answers from when a user gives no system prompt, and
     the same convention as the layer report's response reading. ``system_prompt`` replaces it
-    (``""`` gives an empty system message). ``render="raw"``: the instruction text alone (after the BOS token, if the tokenizer
-    adds one by default).
+    (``""`` gives an empty system message). ``render="raw"``: the instruction text alone (after the
+    BOS token, if the tokenizer adds one by default).
 
     Examples:
         >>> scoring_texts(tok, ["Name a river."], render="raw")  # doctest: +SKIP

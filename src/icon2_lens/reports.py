@@ -24,7 +24,8 @@ Examples:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -75,7 +76,7 @@ def evaluation_markdown(m: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def probe_shift_figure(m: Mapping[str, Any]) -> "matplotlib.figure.Figure":
+def probe_shift_figure(m: Mapping[str, Any]) -> matplotlib.figure.Figure:
     """Bars of the base and trained probe means per criterion (``probe_shift.png``), from the metrics."""
     from matplotlib.figure import Figure
 
@@ -123,7 +124,7 @@ def calibration_table(cal: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def calibration_figure(cal: Mapping[str, Any]) -> "matplotlib.figure.Figure":
+def calibration_figure(cal: Mapping[str, Any]) -> matplotlib.figure.Figure:
     """Mean score and degenerate share per gamma; win share per gamma- for the chosen gamma+.
 
     Args:
@@ -167,7 +168,9 @@ def _grid(x: Grid) -> Tensor:
     return torch.tensor([[float("nan") if v is None else float(v) for v in row] for row in x])
 
 
-def _layer_panels(heldout: Grid, paraphrase: Grid, response: Grid, stability: Grid | None) -> list[tuple[str, str, Tensor]]:
+def _layer_panels(
+    heldout: Grid, paraphrase: Grid, response: Grid, stability: Grid | None
+) -> list[tuple[str, str, Tensor]]:
     """(short name, title, data) per measure, in the report's order."""
     panels = [("a", "(a) held-out stimuli", _grid(heldout)), ("b", "(b) paraphrased prompts", _grid(paraphrase)),
               ("c", "(c) response pairs", _grid(response))]
@@ -181,7 +184,8 @@ def _fmt(x: float) -> str:
 
 
 def _range_str(layers: Sequence[int]) -> str:
-    return f"{min(layers)}-{max(layers)}" if list(layers) == list(range(min(layers), max(layers) + 1)) else str(list(layers))
+    contiguous = list(layers) == list(range(min(layers), max(layers) + 1))
+    return f"{min(layers)}-{max(layers)}" if contiguous else str(list(layers))
 
 
 def layer_table(criteria: Sequence[str], layers: Sequence[int], suggested_layers: Sequence[int], *, heldout: Grid,
@@ -212,7 +216,7 @@ def layer_table(criteria: Sequence[str], layers: Sequence[int], suggested_layers
 
 
 def layer_figure(criteria: Sequence[str], layers: Sequence[int], suggested_layers: Sequence[int], *, heldout: Grid,
-                 paraphrase: Grid, response: Grid, stability: Grid | None = None) -> "matplotlib.figure.Figure":
+                 paraphrase: Grid, response: Grid, stability: Grid | None = None) -> matplotlib.figure.Figure:
     """One panel per measure, one line per criterion, the suggested range shaded (arguments as `layer_table`)."""
     from matplotlib.figure import Figure
 
@@ -220,7 +224,7 @@ def layer_figure(criteria: Sequence[str], layers: Sequence[int], suggested_layer
     fig = Figure(figsize=(4.2 * len(panels), 3.6))
     axes = fig.subplots(1, len(panels), sharex=True, squeeze=False)[0]
     lo, hi = min(suggested_layers), max(suggested_layers)
-    for ax, (_, title, data) in zip(axes, panels):
+    for ax, (_, title, data) in zip(axes, panels, strict=True):
         ax.axvspan(lo - 0.5, hi + 0.5, color="0.9", zorder=0, label="suggested")
         for ci, c in enumerate(criteria):
             ax.plot(layers, data[ci].numpy(), marker=".", label=c)
@@ -240,7 +244,7 @@ def layer_figure(criteria: Sequence[str], layers: Sequence[int], suggested_layer
 
 def consistency_figure(criterion: Sequence[str], consistency: Sequence[float], *, names: Sequence[str] | None = None,
                        selected: Mapping[str, Sequence[float]] | None = None,
-                       bins: int = 30) -> "matplotlib.figure.Figure":
+                       bins: int = 30) -> matplotlib.figure.Figure:
     """One histogram panel per criterion: consistency of the rows assigned to it, the selection cut drawn.
 
     Args:
@@ -261,8 +265,8 @@ def consistency_figure(criterion: Sequence[str], consistency: Sequence[float], *
     edges = torch.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1, dtype=torch.float64).tolist()
     edges[0], edges[-1] = lo, max(hi, edges[-1])  # exact ends: every row falls in a bin
     sel_cons = dict(selected or {})
-    for ax, name in zip(axes, names):
-        vals = [v for c, v in zip(crit, cons) if c == name]
+    for ax, name in zip(axes, names, strict=True):
+        vals = [v for c, v in zip(crit, cons, strict=True) if c == name]
         ax.hist(vals, bins=edges, color="tab:blue", alpha=0.8)
         if sel_cons.get(name):
             ax.axvline(min(sel_cons[name]), color="tab:red", ls="--", lw=1.2,

@@ -22,9 +22,10 @@ import hashlib
 import json
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -127,7 +128,7 @@ def score_instructions(
     batch_size: int = ScoreConfig.batch_size,
     progress: bool = True,
     shard: tuple[int, int] | None = None,
-) -> "datasets.Dataset":
+) -> datasets.Dataset:
     """Score each instruction's inherent consistency with every criterion (Eq. 2/3).
 
     Args:
@@ -218,7 +219,7 @@ def score_instructions(
 
 
 def save_scores(
-    table: "datasets.Dataset",
+    table: datasets.Dataset,
     out: str | os.PathLike[str],
     *,
     top_fraction: float | None = None,
@@ -254,7 +255,7 @@ def save_scores(
 
     check_output_folder(out, overwrite=overwrite)
     settings = json.loads(table.info.description or "{}")
-    selection = {"top_fraction": top_fraction, "top_k": top_k, "threshold": threshold,
+    selection: dict[str, Any] = {"top_fraction": top_fraction, "top_k": top_k, "threshold": threshold,
                  "balance_criteria": balance_criteria}
     if "shard" in settings:
         if any(v is not None for v in (top_fraction, top_k, threshold)) or balance_criteria:
@@ -264,7 +265,8 @@ def save_scores(
         total = settings.pop("total")
         with atomic_folder(out, overwrite=overwrite) as tmp:
             (tmp / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in table), encoding="utf-8")
-            write_shard_file(tmp, stage="score", shard=parse_shard(shard), total=total, rows=len(table), settings=settings)
+            write_shard_file(tmp, stage="score", shard=parse_shard(shard), total=total, rows=len(table),
+                             settings=settings)
         return [Path(out) / "scores.jsonl", Path(out) / "shard.json"]
     selected = select_instructions(table, **selection)
     report = {
@@ -286,13 +288,13 @@ def save_scores(
 
 
 def select_instructions(
-    table: "datasets.Dataset",
+    table: datasets.Dataset,
     *,
     top_fraction: float | None = None,
     top_k: int | None = None,
     threshold: float | None = None,
     balance_criteria: bool = False,
-) -> "datasets.Dataset":
+) -> datasets.Dataset:
     """Keep the most consistent instructions of a `score_instructions` table.
 
     Give at most one rule; with none, the top ``DEFAULT_TOP_FRACTION`` (10%, as the paper) is kept.
@@ -322,11 +324,11 @@ def select_instructions(
 
 
 def consistency_histogram(
-    table: "datasets.Dataset",
-    selected: "datasets.Dataset | None" = None,
+    table: datasets.Dataset,
+    selected: datasets.Dataset | None = None,
     *,
     bins: int = 30,
-) -> "matplotlib.figure.Figure":
+) -> matplotlib.figure.Figure:
     """One panel per criterion: consistency of the rows assigned to it, the selection cut drawn.
 
     The cut of a panel is the lowest consistency among the selected rows of that criterion (with a
@@ -339,6 +341,6 @@ def consistency_histogram(
     names = json.loads(table.info.description or "{}").get("criteria")
     selected_cons: dict[str, list[float]] = {}
     if selected is not None:
-        for c, v in zip(selected["criterion"], selected["consistency"]):
+        for c, v in zip(selected["criterion"], selected["consistency"], strict=True):
             selected_cons.setdefault(c, []).append(v)
     return consistency_figure(crit, list(table["consistency"]), names=names, selected=selected_cons, bins=bins)

@@ -15,8 +15,9 @@ Stages do not use `steer`: they pass a `SteerSpec` to `icon2_lens.gen.Generator.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import ExitStack
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
@@ -72,7 +73,8 @@ def steering_vectors(
     if layers is None:
         layers = directions.suggested_layers
         if not layers:
-            raise ValueError("These directions have no suggested layers; run `icon2-lens layers` first or pass layers=.")
+            raise ValueError("These directions have no suggested layers; run `icon2-lens layers` first "
+                             "or pass layers=.")
     layers = list(layers)
     if not layers:
         raise ValueError("The layer selection is empty; pass at least one layer (or None for the suggested range).")
@@ -131,7 +133,7 @@ class Steering:
         for a in self._adders:
             a.tracker.reset()
 
-    def __enter__(self) -> "Steering":
+    def __enter__(self) -> Steering:
         if self._stack is not None:
             raise RuntimeError("This Steering is already active.")
         stack = ExitStack()

@@ -10,17 +10,15 @@ continues after the last complete batch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
-
-from tqdm.auto import tqdm
+from typing import TYPE_CHECKING, Any
 
 from .gen import Decoding, engine
 from .math.text import jaccard, normalize_text, shingles
@@ -33,7 +31,8 @@ from .runs.io import atomic_write_text
 if TYPE_CHECKING:
     import datasets
 
-__all__ = ["SynthesisConfig", "synthesize_instructions", "clean_generations", "finish_synthesis", "synthesis_report", "DROP_REASONS", "normalize_text"]
+__all__ = ["SynthesisConfig", "synthesize_instructions", "clean_generations", "finish_synthesis", "synthesis_report",
+           "DROP_REASONS", "normalize_text"]
 
 @dataclass(frozen=True, kw_only=True)
 class SynthesisConfig:
@@ -220,7 +219,7 @@ def synthesize_instructions(
     out: str | os.PathLike[str] | None = None,
     progress: bool = True,
     shard: tuple[int, int] | None = None,
-) -> "datasets.Dataset":
+) -> datasets.Dataset:
     """Let the model write ``n`` user turns and keep the usable ones.
 
     Args:
@@ -268,7 +267,8 @@ def synthesize_instructions(
         raise ValueError(f"batch_size and max_new_tokens must be positive, got {batch_size} and {max_new_tokens}.")
     if not temperature > 0 or not 0 < top_p <= 1:
         raise ValueError(f"Need temperature > 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}.")
-    clean_kwargs = dict(min_words=min_words, max_words=max_words, near_duplicate_threshold=near_duplicate_threshold)
+    clean_kwargs: dict[str, Any] = dict(min_words=min_words, max_words=max_words,
+                                        near_duplicate_threshold=near_duplicate_threshold)
     clean_generations([], **clean_kwargs)  # validate the clean-up options before the slow part
     pq = pre_query_template(model.tokenizer, system_prompt=system_prompt)
     settings = {
@@ -298,7 +298,7 @@ def synthesize_instructions(
 
 def finish_synthesis(rows: list[dict[str, Any]], settings: dict[str, Any], *, n: int,
                       folder: str | os.PathLike[str] | None, special_tokens: Sequence[str], wall: float,
-                      min_words: int, max_words: int, near_duplicate_threshold: float) -> "datasets.Dataset":
+                      min_words: int, max_words: int, near_duplicate_threshold: float) -> datasets.Dataset:
     """Clean up the raw rows with ``index < n`` (in index order) into the kept dataset; with a folder, write
     ``instructions.jsonl``, ``dropped.jsonl`` and ``report.json`` (shared by the run and the shard merge)."""
     from datasets import Dataset, DatasetInfo
@@ -341,7 +341,7 @@ def _report(rows: list[dict[str, Any]], kept: list[dict[str, Any]], dropped: lis
     }
 
 
-def synthesis_report(ds: "datasets.Dataset") -> dict[str, Any]:
+def synthesis_report(ds: datasets.Dataset) -> dict[str, Any]:
     """The counts `synthesize_instructions` attached to its dataset.
 
     Keys: ``generated``, ``kept``, ``kept_share``, ``dropped`` (count per reason in `DROP_REASONS`),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..pipeline.stages import STAGES
 from .commands import COMMANDS, add_model_args
@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
             from ..calibration import calibrate_gamma
 
             default = inspect.signature(calibrate_gamma).parameters["batch_size"].default
-            p.add_argument("--batch-size", type=int, default=default, help=f"rows per generation batch (default {default})")
+            p.add_argument("--batch-size", type=int, default=default,
+                           help=f"rows per generation batch (default {default})")
         p.set_defaults(command_obj=cmd)
     return parser
 

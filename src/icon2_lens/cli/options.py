@@ -14,7 +14,8 @@ import dataclasses
 import re
 import types
 import typing
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 __all__ = ["add_config_options", "config_from_args", "given_options", "parse_layers"]
 

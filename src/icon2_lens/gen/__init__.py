@@ -9,7 +9,7 @@ A new engine is one module with a class that implements `Generator` (see docs/ex
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, overload
 
 from ..models import LoadedModel
 from .base import Decoding, Generation, Generator, Positions, Seed, SteerHook, SteerSpec, row_seed, stop_ids
@@ -24,6 +24,14 @@ __all__ = ["BridgeEngine", "Decoding", "EngineKind", "Generation", "Generator", 
 #: The built-in engines: ``"hf"`` (fast, default) and ``"bridge"`` (TransformerLens hooks).
 EngineKind = Literal["hf", "bridge"]
 _ENGINES = {"hf": HFEngine, "bridge": BridgeEngine}
+
+
+@overload
+def engine(model: LoadedModel, kind: Literal["hf"] = ...) -> HFEngine: ...
+@overload
+def engine(model: LoadedModel, kind: Literal["bridge"]) -> BridgeEngine: ...
+@overload
+def engine(model: LoadedModel, kind: EngineKind) -> HFEngine | BridgeEngine: ...
 
 
 def engine(model: LoadedModel, kind: EngineKind = "hf") -> HFEngine | BridgeEngine:
@@ -42,7 +50,7 @@ def engine(model: LoadedModel, kind: EngineKind = "hf") -> HFEngine | BridgeEngi
     return cache[kind]
 
 
-def hf_model(model: LoadedModel):  # noqa: ANN201 - transformers' model class
+def hf_model(model: LoadedModel) -> Any:
     """The plain HF model of the fast engine (shares the bridge's weights), e.g. for ``generate`` in a notebook.
 
     Examples:

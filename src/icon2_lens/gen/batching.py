@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -92,7 +93,10 @@ class LogitScoring:
     """
 
     tokenizer: Any
-    device: torch.device
+
+    @property
+    def device(self) -> torch.device:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     def steering(self, spec: SteerSpec) -> AbstractContextManager[Any]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -131,7 +135,8 @@ class LogitScoring:
         c_ids = encode(self.tokenizer, continuations)
         out: list[Tensor] = []
         for start in range(0, len(p_ids), batch_size):
-            chunk = [p + c for p, c in zip(p_ids[start:start + batch_size], c_ids[start:start + batch_size])]
+            stop = start + batch_size
+            chunk = [p + c for p, c in zip(p_ids[start:stop], c_ids[start:stop], strict=True)]
             logits, input_ids = self._logits(chunk)
             logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0].cpu()
             for j, c in enumerate(c_ids[start:start + batch_size]):

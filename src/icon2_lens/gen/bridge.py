@@ -12,8 +12,9 @@ token-by-token full forward of the same bridge, with or without padding or steer
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -52,7 +53,7 @@ class BridgeEngine(LogitScoring):
         spec.check_layers(self.model.n_layers, self.model.info.model_id)
         adders = [SteerAdder(spec.vectors[layer], positions=spec.positions) for layer in spec.layers]
         hooks = []
-        for layer, add in zip(spec.layers, adders):
+        for layer, add in zip(spec.layers, adders, strict=True):
             def fn(act: Tensor, hook: Any = None, add: SteerAdder = add) -> Tensor:
                 return add(act)
 
@@ -75,7 +76,7 @@ class BridgeEngine(LogitScoring):
             if steer is not None and steer.rows not in (1, len(prompts)):
                 raise ValueError(f"Per-row steering has {steer.rows} rows but there are {len(prompts)} prompts.")
             out = []
-            for i, (p, s) in enumerate(zip(prompts, seeds)):
+            for i, (p, s) in enumerate(zip(prompts, seeds, strict=True)):
                 row = None if steer is None else SteerSpec(
                     {k: v[i:i + 1] if v.shape[0] > 1 else v for k, v in steer.vectors.items()},
                     hook=steer.hook, positions=steer.positions)

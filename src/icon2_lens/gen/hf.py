@@ -14,8 +14,9 @@ decoder layer ``l``, ``resid_pre`` its input.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Float

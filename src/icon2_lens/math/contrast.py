@@ -15,8 +15,9 @@ method is one function registered with `register_direction_method`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import torch
 from jaxtyping import Float
@@ -43,7 +44,9 @@ Method = Literal["pca", "mean_diff", "pca_centered"]
 #: moment ``sum_i d_i d_i^T`` of one layer's differences ``d_i = h+_i - h-_i`` (float64), ``mean_diff``
 #: their mean (float64), ``n`` their count; ``v`` is the direction, of any non-zero norm and either
 #: sign (the accumulator normalises it and points it along the mean difference).
-DirectionMethod = Callable[[Float[Tensor, "d_model d_model"], Float[Tensor, " d_model"], int], Float[Tensor, " d_model"]]
+DirectionMethod = Callable[
+    [Float[Tensor, "d_model d_model"], Float[Tensor, " d_model"], int], Float[Tensor, " d_model"]
+]
 
 #: Statistics returned with the directions (see `icon2_lens.DirectionSet.stats`).
 STAT_NAMES = ("resid_norm", "diff_norm", "explained_variance", "proj_mean", "proj_std", "proj_gap")
@@ -135,7 +138,8 @@ class ContrastAccumulator:
         """Add a batch of paired activations (row ``i`` of ``pos`` pairs with row ``i`` of ``neg``)."""
         if pos.shape != neg.shape or pos.shape[1:] != (self.n_layers, self.d_model):
             raise ValueError(
-                f"pos {tuple(pos.shape)} and neg {tuple(neg.shape)} must both be [batch, {self.n_layers}, {self.d_model}]."
+                f"pos {tuple(pos.shape)} and neg {tuple(neg.shape)} must both be "
+                f"[batch, {self.n_layers}, {self.d_model}]."
             )
         pos, neg = pos.float(), neg.float()
         diff = pos - neg
@@ -152,12 +156,13 @@ class ContrastAccumulator:
         self.diff_norm_sum += diff.norm(dim=-1).sum(0).double()
         self.n += pos.shape[0]
 
-    def merge(self, other: "ContrastAccumulator") -> "ContrastAccumulator":
+    def merge(self, other: ContrastAccumulator) -> ContrastAccumulator:
         """A new accumulator holding the pairs of both (as if all had been added to one).
 
         Examples:
             >>> a, b = ContrastAccumulator(2, 4), ContrastAccumulator(2, 4)
-            >>> a.update(torch.randn(3, 2, 4), torch.randn(3, 2, 4)); b.update(torch.randn(5, 2, 4), torch.randn(5, 2, 4))
+            >>> a.update(torch.randn(3, 2, 4), torch.randn(3, 2, 4))
+            >>> b.update(torch.randn(5, 2, 4), torch.randn(5, 2, 4))
             >>> a.merge(b).n
             8
         """
@@ -185,7 +190,9 @@ class ContrastAccumulator:
             out.n += a.n
         return out
 
-    def directions(self, method: Method | str = "pca") -> tuple[Float[Tensor, "layer d_model"], dict[str, Float[Tensor, " layer"]]]:
+    def directions(
+        self, method: Method | str = "pca"
+    ) -> tuple[Float[Tensor, "layer d_model"], dict[str, Float[Tensor, " layer"]]]:
         """Unit direction per layer (by the method registered as ``method``) and its statistics (see `STAT_NAMES`)."""
         fn = get_direction_method(method)
         if self.n == 0:

@@ -8,7 +8,7 @@ separations (b) paraphrased prompts and (c) response pairs (`steering_score`).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from jaxtyping import Float
@@ -27,7 +27,9 @@ def separation(
         tensor([1., 0.])
     """
     if pos_proj.shape != neg_proj.shape or pos_proj.ndim != 2 or pos_proj.shape[0] == 0:
-        raise ValueError(f"Expected two non-empty [n, layer] tensors of one shape, got {pos_proj.shape}, {neg_proj.shape}.")
+        raise ValueError(
+            f"Expected two non-empty [n, layer] tensors of one shape, got {pos_proj.shape}, {neg_proj.shape}."
+        )
     return (pos_proj > neg_proj).float().mean(0)
 
 

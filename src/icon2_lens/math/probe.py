@@ -34,7 +34,9 @@ def project(
     return torch.einsum("bld,cld->bcl", h.float(), vectors.float())
 
 
-def project_criterion(h: Float[Tensor, "n layer d_model"], u: Float[Tensor, "layer d_model"]) -> Float[Tensor, "n layer"]:
+def project_criterion(
+    h: Float[Tensor, "n layer d_model"], u: Float[Tensor, "layer d_model"]
+) -> Float[Tensor, "n layer"]:
     """Per-layer projection ``h^l . u^l`` of each row on one criterion's directions (in ``h``'s dtype).
 
     Examples:
@@ -56,7 +58,8 @@ def consistency_scores(
     Examples:
         >>> consistency_scores(torch.tensor([[[1.0, 3.0]]]))
         tensor([[2.]])
-        >>> consistency_scores(torch.tensor([[[1.0, 3.0]]]), mean=torch.tensor([[1.0, 1.0]]), std=torch.tensor([[1.0, 2.0]]))
+        >>> consistency_scores(torch.tensor([[[1.0, 3.0]]]),
+        ...                    mean=torch.tensor([[1.0, 1.0]]), std=torch.tensor([[1.0, 2.0]]))
         tensor([[0.5000]])
     """
     if (mean is None) != (std is None):

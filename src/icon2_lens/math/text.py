@@ -10,7 +10,8 @@
 from __future__ import annotations
 
 import re
-from typing import AbstractSet, Sequence
+from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 
 __all__ = [
     "distinct_n",
@@ -77,7 +78,8 @@ def degeneration_stats(texts: Sequence[str]) -> dict[str, float]:
         grams = [tuple(w[i:i + 3]) for i in range(len(w) - 2)]
         rep.append(1 - len(set(grams)) / len(grams) if grams else 0.0)
     n = len(texts)
-    return {"distinct1": sum(distinct_n(t, 1) for t in texts) / n, "distinct2": sum(distinct_n(t, 2) for t in texts) / n,
+    return {"distinct1": sum(distinct_n(t, 1) for t in texts) / n,
+            "distinct2": sum(distinct_n(t, 2) for t in texts) / n,
             "repetition_rate": sum(rep) / n, "degenerate_share": sum(is_degenerate(t) for t in texts) / n,
             "mean_words": sum(len(t.split()) for t in texts) / n}
 

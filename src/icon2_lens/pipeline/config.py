@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model, model_validator
@@ -37,7 +38,12 @@ def section_fields(spec: StageSpec) -> dict[str, tuple[Any, Any]]:
         for f in dataclasses.fields(cls):
             if f.name in RUN_LEVEL:
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                raise TypeError(f"{cls.__name__}.{f.name} has no default; every stage config field needs one.")
             out[f.name] = (hints[f.name], default)
     for key, value in spec.pipeline_defaults.items():
         out[key] = (out[key][0], value)
@@ -51,9 +57,17 @@ def _section_model(spec: StageSpec) -> type[BaseModel]:
 
     validators: dict[str, Any] = {"_dataclass_checks": model_validator(mode="after")(check)}
     if spec.prepare is not None:
-        validators["_prepare"] = model_validator(mode="before")(classmethod(lambda cls, data: spec.prepare(data)))
-    return create_model(f"{spec.name.title()}Section", __config__=_STRICT, __validators__=validators,
-                        __doc__=spec.help, **section_fields(spec))
+        prepare = spec.prepare
+
+        def before(cls: type[BaseModel], data: Any) -> Any:  # a classmethod (pydantic wraps it: first arg `cls`)
+            return prepare(data)
+
+        validators["_prepare"] = model_validator(mode="before")(before)
+    # pydantic's create_model overloads cannot take the fields as **dict (mypy checks the dict's values
+    # against __base__, __module__, ...), hence the ignore here and in run_config_model.
+    return create_model(  # type: ignore[call-overload]
+        f"{spec.name.title()}Section", __config__=_STRICT, __validators__=validators,
+        __doc__=spec.help, **section_fields(spec))
 
 
 def stage_config(spec: StageSpec, section: Any) -> Any:
@@ -65,6 +79,16 @@ def stage_config(spec: StageSpec, section: Any) -> Any:
 
 class _RunBase(BaseModel):
     model_config = _STRICT
+
+    if TYPE_CHECKING:  # what run_config_model adds, for the type checker only (pydantic never sees these)
+        model: str | None
+        dtype: Literal["float32", "bfloat16", "float16"]
+        device: str | None
+        seed: int
+
+        def __init__(self, **data: Any) -> None: ...  # every field has a default
+
+        def __getattr__(self, name: str) -> Any: ...  # one section per registered stage
 
     def to_dict(self) -> dict[str, Any]:
         """The full config with every default filled in (what ``config.yaml`` holds)."""
@@ -78,7 +102,7 @@ def run_config_model(stages: Mapping[str, StageSpec]) -> type[_RunBase]:
         >>> cfg = run_config_model(STAGES)()  # the defaults: what `RunConfig()` gives
     """
     sections = {s.name: (m, m()) for s, m in ((s, _section_model(s)) for s in stages.values())}
-    return create_model(  # type: ignore[call-overload, no-any-return]
+    return create_model(  # type: ignore[call-overload]
         "RunConfig", __base__=_RunBase,
         model=(str | None, None), dtype=(Literal["float32", "bfloat16", "float16"], "float32"),
         device=(str | None, None), seed=(int, 0), **sections)
@@ -88,7 +112,10 @@ def run_config_model(stages: Mapping[str, StageSpec]) -> type[_RunBase]:
 #: Unknown keys and wrong types are errors naming the key. Every field has a default: the demo size, which
 #: runs on the embedded model in minutes on a 2-core CPU. ``model``: what `icon2_lens.load_model` accepts
 #: (``null``: the embedded model). Example: ``RunConfig.model_validate({"synthesize": {"n": 32}}).synthesize.n``.
-RunConfig = run_config_model(STAGES)
+if TYPE_CHECKING:
+    RunConfig = _RunBase  # the type checker's view of the model built below
+else:
+    RunConfig = run_config_model(STAGES)
 
 
 def _validation_message(exc: ValidationError, where: str) -> str:
@@ -105,7 +132,7 @@ def _validation_message(exc: ValidationError, where: str) -> str:
     return f"Invalid config {where}: " + "; ".join(lines) + ". See `icon2-lens run --help` and docs/pipeline.md."
 
 
-def load_config(source: "str | os.PathLike[str] | dict[str, Any] | _RunBase | None" = None, *,
+def load_config(source: str | os.PathLike[str] | dict[str, Any] | _RunBase | None = None, *,
                 stages: Mapping[str, StageSpec] | None = None) -> _RunBase:
     """Read and validate a run config: a YAML file, a dict, a run config, or ``None`` for the defaults.
 

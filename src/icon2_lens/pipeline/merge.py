@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..evaluation import pair_report
 from ..runs import names
@@ -43,7 +44,7 @@ def merge_shards(
     top_k: int | None = None,
     threshold: float | None = None,
     balance_criteria: bool = False,
-) -> "datasets.Dataset":
+) -> datasets.Dataset:
     """Merge the shard folders of a sharded stage into the folder the unsharded command writes.
 
     Checks that the shards are ``0/n`` ... ``n-1/n`` for one ``n``, each exactly once, that their
@@ -80,7 +81,7 @@ def merge_shards(
 
     if stage not in names.SHARDABLE:
         raise ValueError(f"Unknown stage {stage!r}; use one of {list(names.SHARDABLE)}.")
-    selection = {"top_fraction": top_fraction, "top_k": top_k, "threshold": threshold}
+    selection: dict[str, Any] = {"top_fraction": top_fraction, "top_k": top_k, "threshold": threshold}
     if stage != "score" and (any(v is not None for v in selection.values()) or balance_criteria):
         raise ValueError(f"Selection options (top_fraction, top_k, threshold, balance_criteria) apply to merging "
                          f"'score' shards only, not {stage!r}.")
@@ -95,6 +96,7 @@ def merge_shards(
     rows = shards.rows
     with atomic_folder(out_path, overwrite=overwrite) as tmp:
         if stage == "synthesize":
+            assert files.settings is not None  # synthesize and generate write a settings file
             atomic_write_text(tmp / files.data, "".join(json.dumps(r) + "\n" for r in rows))
             atomic_write_text(tmp / files.settings, json.dumps(shards.run_settings, indent=2))
             ds = finish_synthesis(rows, shards.run_settings, n=shards.total, folder=tmp,
@@ -111,6 +113,7 @@ def merge_shards(
         else:
             from datasets import Dataset
 
+            assert files.settings is not None
             atomic_write_text(tmp / files.data, "".join(json.dumps(r) + "\n" for r in rows))
             atomic_write_text(tmp / files.settings, json.dumps(shards.run_settings, indent=2))
             ds = Dataset.from_list(rows)

@@ -29,9 +29,10 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import yaml
 
@@ -121,7 +122,8 @@ def _prepare_run_dir(out: Path, config: Any, update: bool, stages: Mapping[str, 
         raise FileExistsError(f"{out} exists and is a file; choose another run directory.")
     cfg_path = out / names.CONFIG
     if out.is_dir() and any(out.iterdir()) and not cfg_path.is_file():
-        raise FileExistsError(f"{out} exists, is not empty and holds no run (no config.yaml); choose another directory.")
+        raise FileExistsError(f"{out} exists, is not empty and holds no run (no config.yaml); "
+                              "choose another directory.")
     if cfg_path.is_file():
         old = load_config(cfg_path, stages=stages)
         if config is None:
@@ -139,7 +141,7 @@ def _prepare_run_dir(out: Path, config: Any, update: bool, stages: Mapping[str, 
 
 
 def run_pipeline(
-    config: "str | os.PathLike[str] | dict[str, Any] | RunConfig | None" = None,
+    config: str | os.PathLike[str] | dict[str, Any] | RunConfig | None = None,
     *,
     out: str | os.PathLike[str] = "runs/icon2",
     update: bool = False,
@@ -208,7 +210,8 @@ def run_pipeline(
                     shutil.rmtree(folder)
                 else:
                     say(f"{tag}: running")
-            manifest.stages[stage] = {"key": keys[stage], "status": "running", "inputs": {s: keys[s] for s in graph[stage]},
+            manifest.stages[stage] = {"key": keys[stage], "status": "running",
+                                      "inputs": {s: keys[s] for s in graph[stage]},
                                       "settings": cfg.to_dict()[stage], "started": _now()}
             manifest.save()
             folder.mkdir(parents=True, exist_ok=True)
@@ -272,7 +275,8 @@ def _report(cfg: RunConfig, out: Path, result: PipelineResult, order: list[str])
             a, b = hist[0], hist[-1]
             lines += ["## DPO training", "",
                       f"{len(hist)} logged steps: loss {a['loss']:.4f} -> {b['loss']:.4f}, reward accuracy "
-                      f"{b.get('reward_accuracy', float('nan')):.2f}, margin {b.get('reward_margin', float('nan')):.3f}.",
+                      f"{b.get('reward_accuracy', float('nan')):.2f}, "
+                      f"margin {b.get('reward_margin', float('nan')):.3f}.",
                       "", "![DPO curve](train/trained_model/train_curve.png)", ""]
     ev = out / "evaluate" / "report.md"
     if ev.is_file():

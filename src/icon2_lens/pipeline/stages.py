@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from ..directions import DirectionSet, ExtractConfig, extract_directions
 from ..evaluation import EvaluateConfig, PairwiseJudge, ProbeScorer, evaluate, pair_report
@@ -130,8 +131,9 @@ def _extract(ctx: StageContext, folder: Path, meter: CostMeter, cfg: ExtractConf
 
 def _layers(ctx: StageContext, folder: Path, meter: CostMeter, cfg: LayersConfig, sec: Any) -> tuple[int, list[Path]]:
     dirs = DirectionSet.load(ctx.out / "extract" / names.DIRECTIONS, model=ctx.model)
-    report = layer_report(ctx.model, dirs, n_heldout=cfg.n_heldout, n_paraphrase_instructions=cfg.n_paraphrase_instructions,
-                          width=cfg.width, batch_size=cfg.batch_size, progress=ctx.progress)
+    report = layer_report(ctx.model, dirs, n_heldout=cfg.n_heldout,
+                          n_paraphrase_instructions=cfg.n_paraphrase_instructions, width=cfg.width,
+                          batch_size=cfg.batch_size, progress=ctx.progress)
     written = report.save(folder)
     target = report.apply(dirs).save(folder / names.DIRECTIONS, overwrite=True)
     return len(report.suggested_layers), [*written.values(), target]
@@ -189,9 +191,9 @@ def _evaluate(ctx: StageContext, folder: Path, meter: CostMeter, cfg: EvaluateCo
     trained_on = [r["instruction"] for r in read_jsonl(ctx.out / "generate" / names.PAIRS)]
     instructions = load_instructions(sec.instructions, limit=sec.n)
     steer_layers = scoring_layers(dirs, ctx.cfg.generate.layers)
-    evaluate(ctx.model, trained, dirs, instructions, judge=judge, layers=steer_layers, max_new_tokens=cfg.max_new_tokens,
-             batch_size=cfg.batch_size, training_instructions=trained_on, out=folder, overwrite=True,
-             progress=ctx.progress)
+    evaluate(ctx.model, trained, dirs, instructions, judge=judge, layers=steer_layers,
+             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, training_instructions=trained_on,
+             out=folder, overwrite=True, progress=ctx.progress)
     return len(instructions), [folder / names.EVAL_REPORT, folder / names.METRICS]
 
 

@@ -25,9 +25,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -176,7 +177,7 @@ def run_batches(
             new = job.make(b, covers, seed)
             if len(new) != len(covers):
                 raise RuntimeError(f"Batch {b} of {job.stage} made {len(new)} rows for {len(covers)} indices.")
-            for i, r in zip(covers, new):
+            for i, r in zip(covers, new, strict=True):
                 r.update(index=i, batch=b, seed=seed)
             if path is not None:
                 append_jsonl(path, new)

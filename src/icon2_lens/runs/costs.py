@@ -28,10 +28,11 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -160,7 +161,8 @@ class CostMeter:
             if ids is None:
                 return
             mask = kwargs.get("attention_mask")
-            cached = _cached_length(kwargs.get("cache", kwargs.get("past_key_values")))  # `cache` from transformers 5.2x
+            # `cache` from transformers 5.2x (`past_key_values` before)
+            cached = _cached_length(kwargs.get("cache", kwargs.get("past_key_values")))
             if cached:  # a decoding step: the rows still running produce one token each
                 last = ids[:, -1].cpu()
                 costs.generated_tokens += int((~torch.isin(last, stops)).sum()) if len(stops) else ids.shape[0]

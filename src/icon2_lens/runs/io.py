@@ -6,9 +6,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 __all__ = ["atomic_write_text", "atomic_folder", "check_output_folder", "append_jsonl", "read_jsonl",
            "read_jsonl_resumable", "open_run_folder"]

@@ -69,7 +69,8 @@ class StageFiles:
 
 
 STAGE_FILES: dict[str, StageFiles] = {
-    "synthesize": StageFiles(SYNTHESIS_SETTINGS, RAW, (INSTRUCTIONS, DROPPED, SYNTHESIS_REPORT, RAW, SYNTHESIS_SETTINGS),
+    "synthesize": StageFiles(SYNTHESIS_SETTINGS, RAW,
+                             (INSTRUCTIONS, DROPPED, SYNTHESIS_REPORT, RAW, SYNTHESIS_SETTINGS),
                              (RAW, SYNTHESIS_SETTINGS, SHARD)),
     "score": StageFiles(None, SCORES, (SCORES, SELECTED, SCORE_HISTOGRAM, SCORE_REPORT), (SCORES, SHARD)),
     "generate": StageFiles(GENERATION_SETTINGS, PAIRS, (PAIRS, GENERATION_SETTINGS, PAIR_REPORT),

@@ -3,8 +3,8 @@
 A stage cut into ``n`` shards forms its batches exactly as the unsharded run does (same batch size,
 row order and per-batch seed); shard ``i`` runs only the batches ``b`` with ``b % n == i``. Rows keep
 their global ``index``, so `read_shards` puts them back in order and the merge
-(`icon2_lens.pipeline.merge_shards`, which runs each stage's global step) equals the unsharded run. A finished shard folder holds a ``shard.json`` (written last) beside the stage's
-usual files.
+(`icon2_lens.pipeline.merge_shards`, which runs each stage's global step) equals the unsharded run.
+A finished shard folder holds a ``shard.json`` (written last) beside the stage's usual files.
 
     icon2-lens generate ... --shard 0/2 --out runs/pairs_0   # one process (or GPU, or machine) each
     icon2-lens generate ... --shard 1/2 --out runs/pairs_1
@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from . import names
 from .io import atomic_write_text, read_jsonl
@@ -91,7 +92,8 @@ def parse_shard(text: str, *, env: Mapping[str, str] | None = None) -> tuple[int
 
 
 def shard_device(env: Mapping[str, str] | None = None) -> str | None:
-    """``"cuda:LOCAL_RANK"`` when a launcher set ``LOCAL_RANK`` and CUDA is available, else ``None`` (the default device).
+    """``"cuda:LOCAL_RANK"`` when a launcher set ``LOCAL_RANK`` and CUDA is available, else ``None``
+    (the default device).
 
     Examples:
         >>> shard_device({})  # no launcher
