@@ -45,6 +45,9 @@ if TYPE_CHECKING:
     import matplotlib.figure
 
 __all__ = [
+    "table_settings",
+    "PROVENANCE_COLUMNS",
+    "SHARD_COLUMNS",
     "ScoreConfig",
     "score_instructions",
     "select_instructions",
@@ -154,18 +157,19 @@ def score_instructions(
 
     Returns:
         A ``datasets.Dataset`` with ``instruction``, ``score_<criterion>`` per criterion,
-        ``consistency`` (the max) and ``criterion`` (the argmax's name), in input order. The settings
-        (layers, standardize, render, model) are in ``ds.info.description`` as JSON. With a ``shard``:
-        only the shard's rows, in input order, with a last column ``index`` (the row's position in
-        the whole input) and the shard, total row count, batch size and a hash of the input in the
-        settings; `save_scores` writes it as a shard folder for `icon2_lens.merge_shards`.
+        ``consistency`` (the max) and ``criterion`` (the argmax's name), in input order, then the settings
+        as provenance columns (`PROVENANCE_COLUMNS`: ``probe_layers``, ``standardize``, ``render``,
+        ``system_prompt``, ``hook``, ``model``; `table_settings` reads them back). With a ``shard``: only
+        the shard's rows, in input order, with the columns `SHARD_COLUMNS` (``index``: the row's position
+        in the whole input; the shard, total row count, batch size and a hash of the input);
+        `save_scores` writes it as a shard folder for `icon2_lens.merge_shards`.
 
     Examples:
         >>> table = il.score_instructions(model, dirs, ["Write a poem.", "Explain DNS."])  # doctest: +SKIP
         >>> table.column_names  # doctest: +SKIP
         ['instruction', 'score_general', 'score_helpful', 'score_honest', 'score_harmless', 'consistency', 'criterion']
     """
-    from datasets import Dataset, DatasetInfo
+    from datasets import Dataset
 
     directions.check_compatible(model)
     if batch_size < 1:
@@ -209,13 +213,40 @@ def score_instructions(
         table[f"score_{name}"] = scores[:, ci].tolist()
     table["consistency"] = best.tolist()
     table["criterion"] = [directions.criteria[i] for i in idx.tolist()]
-    settings = {"layers": layer_ids, "standardize": standardize, "render": render, "system_prompt": system_prompt,
-                "hook": directions.hook, "model": model.info.model_id, "criteria": list(directions.criteria)}
+    provenance = {"probe_layers": layer_ids, "standardize": standardize, "render": render,
+                  "system_prompt": system_prompt, "hook": directions.hook, "model": model.info.model_id}
     if shard is not None:
         table["index"] = keep
         digest = hashlib.sha256(json.dumps(instr).encode()).hexdigest()
-        settings.update(shard=shard_label(shard), total=len(instr), batch_size=batch_size, instructions_sha256=digest)
-    return Dataset.from_dict(table, info=DatasetInfo(description=json.dumps(settings)))
+        provenance.update({"shard": shard_label(shard), "shard_total": len(instr), "shard_batch_size": batch_size,
+                           "instructions_sha256": digest})
+    table.update({k: [v] * len(keep) for k, v in provenance.items()})
+    return Dataset.from_dict(table)
+
+
+#: Provenance columns a sharded `score_instructions` adds (dropped again by the merge).
+SHARD_COLUMNS = ("index", "shard", "shard_total", "shard_batch_size", "instructions_sha256")
+#: The scoring settings, as columns of every row of a score table.
+PROVENANCE_COLUMNS = ("probe_layers", "standardize", "render", "system_prompt", "hook", "model")
+
+
+def table_settings(table: Any) -> dict[str, Any]:
+    """The scoring settings a score table carries in its provenance columns (read from its first row), and
+    its criteria (from its ``score_<criterion>`` columns, in order).
+
+    Examples:
+        >>> table_settings(table)["criteria"]  # doctest: +SKIP
+        ['general', 'helpful', 'honest', 'harmless']
+    """
+    columns = list(table.column_names) if hasattr(table, "column_names") else list(table[0])
+    out: dict[str, Any] = {"criteria": [c[len("score_"):] for c in columns if c.startswith("score_")]}
+    if len(table) == 0:
+        return out
+    first = table[0]
+    out.update({k: first[k] for k in (*PROVENANCE_COLUMNS, *SHARD_COLUMNS[1:]) if k in first})
+    if "probe_layers" in out:
+        out["layers"] = out.pop("probe_layers")
+    return out
 
 
 def save_scores(
@@ -254,7 +285,7 @@ def save_scores(
     from .runs.io import atomic_folder, check_output_folder
 
     check_output_folder(out, overwrite=overwrite)
-    settings = json.loads(table.info.description or "{}")
+    settings = table_settings(table)
     selection: dict[str, Any] = {"top_fraction": top_fraction, "top_k": top_k, "threshold": threshold,
                  "balance_criteria": balance_criteria}
     if "shard" in settings:
@@ -262,7 +293,7 @@ def save_scores(
             raise ValueError("A shard's scores are not selected on their own (the selection needs all rows); give the "
                              "selection options to merge_shards (CLI: icon2-lens merge score) instead.")
         shard = settings.pop("shard")
-        total = settings.pop("total")
+        total = settings.pop("shard_total")
         with atomic_folder(out, overwrite=overwrite) as tmp:
             (tmp / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in table), encoding="utf-8")
             write_shard_file(tmp, stage="score", shard=parse_shard(shard), total=total, rows=len(table),
@@ -338,7 +369,7 @@ def consistency_histogram(
         >>> consistency_histogram(table, il.select_instructions(table)).savefig("hist.png")  # doctest: +SKIP
     """
     crit = list(table["criterion"])
-    names = json.loads(table.info.description or "{}").get("criteria")
+    names = table_settings(table)["criteria"] or None
     selected_cons: dict[str, list[float]] = {}
     if selected is not None:
         for c, v in zip(selected["criterion"], selected["consistency"], strict=True):

@@ -154,7 +154,8 @@ def test_score_writes_outputs(tiny_model, tiny_model_dir, dirs_dir, to_score, tm
     assert [r["instruction"] for r in scores] == TO_SCORE
     ref = il.score_instructions(tiny_model, il.DirectionSet.load(dirs_dir), TO_SCORE, progress=False)  # standardised
     for r, want in zip(scores, ref):
-        assert list(r) == ["instruction", "score_helpful", "score_honest", "consistency", "criterion"]
+        assert list(r) == ["instruction", "score_helpful", "score_honest", "consistency", "criterion",
+                           *il.scoring.PROVENANCE_COLUMNS]
         assert r["score_helpful"] == pytest.approx(want["score_helpful"], abs=1e-5)
         assert r["score_honest"] == pytest.approx(want["score_honest"], abs=1e-5)
         assert r["criterion"] == want["criterion"]

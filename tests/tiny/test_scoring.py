@@ -135,7 +135,8 @@ def test_scoring_layers():
 
 
 def test_score_columns_and_values(tiny_model, dirs, table):
-    assert table.column_names == ["instruction", "score_helpful", "score_honest", "consistency", "criterion"]
+    assert table.column_names == ["instruction", "score_helpful", "score_honest", "consistency", "criterion",
+                                  *il.scoring.PROVENANCE_COLUMNS]  # settings travel as columns, not in Dataset.info
     assert list(table["instruction"]) == TO_SCORE
     p = _direct(tiny_model, dirs, scoring_texts(tiny_model.tokenizer, TO_SCORE))
     want = p.mean(-1)
@@ -144,7 +145,8 @@ def test_score_columns_and_values(tiny_model, dirs, table):
     assert list(table["criterion"]) == [dirs.criteria[i] for i in want.argmax(-1).tolist()]
     s = _scores(table, dirs.criteria)
     assert list(table["consistency"]) == s.max(-1).values.tolist()  # exactly the max of the stored scores
-    settings = json.loads(table.info.description)
+    settings = il.scoring.table_settings(table)
+    assert not table.info.description  # nothing is smuggled through Dataset.info
     assert settings["layers"] == [0, 1, 2, 3] and settings["standardize"] is False and settings["render"] == "chat"
     assert settings["criteria"] == ["helpful", "honest"] and settings["hook"] == "resid_post"
 
@@ -157,7 +159,7 @@ def test_score_standardized(tiny_model, dirs):
     want = ((p - mean) / std).mean(-1)
     torch.testing.assert_close(_scores(t, dirs.criteria), want, atol=1e-4, rtol=1e-5)
     assert list(t["criterion"]) == [dirs.criteria[i] for i in want.argmax(-1).tolist()]
-    assert json.loads(t.info.description)["standardize"] is True
+    assert il.scoring.table_settings(t)["standardize"] is True
 
 
 def test_score_batch_size_and_determinism(tiny_model, dirs, table):
@@ -177,7 +179,7 @@ def test_score_layers(tiny_model, dirs, table):
     p = _direct(tiny_model, dirs, scoring_texts(tiny_model.tokenizer, TO_SCORE), layers=[0, 2])
     torch.testing.assert_close(_scores(sub, dirs.criteria), p.mean(-1), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(_scores(sub, dirs.criteria), _scores(table, dirs.criteria))
-    assert json.loads(sub.info.description)["layers"] == [0, 2]
+    assert il.scoring.table_settings(sub)["layers"] == [0, 2]
     sug = il.score_instructions(tiny_model, dirs.with_meta(suggested_layers=[0, 2]), TO_SCORE, layers="suggested",
                                 standardize=False, progress=False)
     assert sug.to_list() == sub.to_list()
@@ -196,7 +198,7 @@ def test_score_render(tiny_model, dirs, table):
     assert texts[0] == "<s>" + TO_SCORE[0]  # the BOS the tokenizer adds, once
     torch.testing.assert_close(_scores(raw, dirs.criteria), _direct(tiny_model, dirs, texts).mean(-1),
                                atol=1e-5, rtol=1e-5)
-    assert json.loads(raw.info.description)["render"] == "raw"
+    assert il.scoring.table_settings(raw)["render"] == "raw"
     with pytest.raises(ValueError, match="system_prompt"):
         il.score_instructions(tiny_model, dirs, TO_SCORE, render="raw", system_prompt="Be kind.", progress=False)
     with pytest.raises(ValueError, match="render"):
@@ -365,10 +367,10 @@ def test_consistency_histogram(table):
     # without a selection: no cut lines; a criterion with no rows still gets its panel
     fig = consistency_histogram(_table([0.1, 0.5, 0.2], ["a", "a", "a"]))
     assert len(fig.axes) == 1 and fig.axes[0].get_lines() == []
-    from datasets import Dataset, DatasetInfo
+    from datasets import Dataset
 
-    t = Dataset.from_dict({"instruction": ["x", "y"], "consistency": [0.2, 0.2], "criterion": ["b", "b"]},
-                          info=DatasetInfo(description=json.dumps({"criteria": ["a", "b", "c"]})))
+    t = Dataset.from_dict({"instruction": ["x", "y"], "score_a": [0.1, 0.1], "score_b": [0.2, 0.2],
+                           "score_c": [0.0, 0.0], "consistency": [0.2, 0.2], "criterion": ["b", "b"]})
     fig = consistency_histogram(t, t)
     assert [ax.get_title() for ax in fig.axes] == ["a (n=0)", "b (n=2)", "c (n=0)"]
     assert plt.get_fignums() == fignums

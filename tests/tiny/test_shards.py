@@ -103,13 +103,13 @@ def test_score_shards_merged_equal_unsharded(tiny_model, dirs, tmp_path, batch_s
     assert all(len(p) > 0 for p in parts) and sum(len(p) for p in parts) == len(TO_SCORE)
     assert sorted(i for p in parts for i in p["index"]) == list(range(len(TO_SCORE)))
     for p in parts:
-        assert p.column_names == [*ref.column_names, "index"]
+        assert p.column_names == [*ref.column_names[:5], "index", *ref.column_names[5:], *il.scoring.SHARD_COLUMNS[1:]]
         assert list(p["index"]) == sorted(p["index"])
         for row in p:
             want = ref[row["index"]]
-            assert {k: v for k, v in row.items() if k != "index"} == want
-        settings = json.loads(p.info.description)
-        assert settings["total"] == len(TO_SCORE) and settings["batch_size"] == batch_size
+            assert {k: v for k, v in row.items() if k not in il.scoring.SHARD_COLUMNS} == want
+        settings = il.scoring.table_settings(p)
+        assert settings["shard_total"] == len(TO_SCORE) and settings["shard_batch_size"] == batch_size
     folders = []
     for i, p in enumerate(parts):
         folders.append(tmp_path / f"s{i}")
@@ -117,7 +117,8 @@ def test_score_shards_merged_equal_unsharded(tiny_model, dirs, tmp_path, batch_s
         assert sorted(x.name for x in folders[-1].iterdir()) == ["scores.jsonl", "shard.json"]
     merged = il.merge_shards("score", folders[::-1], out=tmp_path / "merged", top_k=5, balance_criteria=True)
     assert merged.to_list() == ref.to_list()
-    assert json.loads(merged.info.description) == json.loads(ref.info.description)
+    assert merged.column_names == ref.column_names
+    assert il.scoring.table_settings(merged) == il.scoring.table_settings(ref)
     il.scoring.save_scores(ref, tmp_path / "ref", top_k=5, balance_criteria=True)
     assert _files(tmp_path / "merged") == _files(tmp_path / "ref")  # scores, selection, report, histogram
 

@@ -20,7 +20,7 @@ from ..evaluation import pair_report
 from ..runs import names
 from ..runs.io import atomic_folder, atomic_write_text, check_output_folder
 from ..runs.shards import read_shards
-from ..scoring import save_scores
+from ..scoring import SHARD_COLUMNS, save_scores
 from ..synthesis import finish_synthesis
 
 if TYPE_CHECKING:
@@ -30,9 +30,6 @@ __all__ = ["merge_shards", "MergeStage"]
 
 #: The stages that can be sharded and merged.
 MergeStage = Literal["synthesize", "score", "generate"]
-#: Keys a score shard adds to the scoring settings (dropped again by the merge).
-_SCORE_SHARD_KEYS = ("shard", "total", "batch_size", "instructions_sha256")
-
 
 def merge_shards(
     stage: MergeStage,
@@ -103,11 +100,9 @@ def merge_shards(
                                   special_tokens=shards.settings["special_tokens"], wall=0.0,
                                   **shards.settings["cleanup"])
         elif stage == "score":
-            from datasets import Dataset, DatasetInfo
+            from datasets import Dataset
 
-            settings = {k: v for k, v in shards.settings.items() if k not in _SCORE_SHARD_KEYS}
-            table = Dataset.from_list([{k: v for k, v in r.items() if k != "index"} for r in rows],
-                                      info=DatasetInfo(description=json.dumps(settings)))
+            table = Dataset.from_list([{k: v for k, v in r.items() if k not in SHARD_COLUMNS} for r in rows])
             save_scores(table, tmp, overwrite=True, balance_criteria=balance_criteria, **selection)
             ds = table
         else:
