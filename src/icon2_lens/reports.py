@@ -59,6 +59,8 @@ def evaluation_markdown(m: Mapping[str, Any]) -> str:
     """
     lines = [f"# Evaluation: {m['models']['trained']} vs {m['models']['base']} ({m['n']} held-out instructions)", "",
              "## Probe shift (mean standardised projection on the base model's directions)", "",
+             "*Self-probe*: read through the same criterion directions that made the training data, so it is a "
+             "manipulation check, not evidence of quality (see the project's evidence rules).", "",
              "| criterion | base | trained | shift |", "|---|---|---|---|"]
     lines += [f"| {c} | {v['base']:.3f} | {v['trained']:.3f} | {v['shift']:+.3f} |" for c, v in m["probe"].items()]
     j = m["judge"]
@@ -313,3 +315,56 @@ def cost_table(costs: Sequence[Any], *, per: tuple[str, int] | None = None) -> s
         n = per[1]
         lines.append(f"| per {per[0]} ({n}) | {tp / n:,.0f} | {tg / n:,.0f} | {tf / n:,.1f} | {tw / n:.2f} | | |")
     return head + "\n".join(lines) + "\n"
+
+
+def run_report(*, out: str, model: str, seed: int, order: Sequence[str], ran: Sequence[str], skipped: Sequence[str],
+               costs: Sequence[Any], counts: Mapping[str, int | None], pair_summary: Mapping[str, Any] | None = None,
+               train_history: Sequence[Mapping[str, Any]] | None = None, objective: str = "dpo",
+               evaluation_md: str | None = None) -> str:
+    """A run directory's ``report.md`` from plain data (the pipeline gathers it from the stage folders).
+
+    Args:
+        out: the run directory's name.
+        model: the model's name.
+        seed: the run's seed.
+        order: the stages of this run, in order.
+        ran: the stages run this time.
+        skipped: the stages skipped as finished.
+        costs: each stage's `icon2_lens.runs.costs.StageCost` (or its dict).
+        counts: ``kept`` (synthesized instructions), ``selected``, ``pairs`` (``None``: not there).
+        pair_summary: the generate stage's pair report (``report.json``), if any.
+        train_history: the training log's rows, if any.
+        objective: ``"dpo"`` or ``"simpo"`` (the training section's title).
+        evaluation_md: the evaluate stage's ``report.md``, if any.
+    """
+    n_pairs = counts.get("pairs")
+    total = sum(float(_cost_row(c)["wall_seconds"]) for c in costs)
+    lines = [f"# icon2_lens run: {out}", "",
+             f"Model: {model}; seed {seed}. Stages: {', '.join(order)}. Stage wall time summed: {total:.0f} s "
+             f"({total / 60:.1f} min; this invocation ran {', '.join(ran) or 'nothing'}, "
+             f"skipped {', '.join(skipped) or 'nothing'}).", "",
+             "## Cost per stage", "",
+             "Counted by `icon2_lens.measure_costs` (forward pre-hooks on the watched models; see docs/pipeline.md). "
+             "A resumed stage counts the run that finished it.", "",
+             cost_table(costs, per=("kept pair", n_pairs) if n_pairs else None)]
+    if counts.get("selected") is not None:
+        lines += ["## Data", "", f"- synthesized instructions kept: {counts.get('kept') or 0}",
+                  f"- selected by consistency: {counts['selected']}",
+                  f"- preference pairs: {n_pairs if n_pairs is not None else '-'}", ""]
+    g = pair_summary or {}
+    if "win_share" in g:
+        lines += [f"*Self-probe* (read through the steering directions, not evidence of quality): chosen beats "
+                  f"rejected ({g['scorer']}, neither degenerate) in {g['win_share']:.3f} of the pairs; degenerate: "
+                  f"chosen {g['chosen']['degenerate_share']:.2f}, rejected {g['rejected']['degenerate_share']:.2f}.",
+                  ""]
+    if train_history:
+        a, b = train_history[0], train_history[-1]
+        lines += [f"## {objective.upper() if objective == 'dpo' else 'SimPO'} training", "",
+                  f"{len(train_history)} logged steps: loss {a['loss']:.4f} -> {b['loss']:.4f}, reward accuracy "
+                  f"{b.get('reward_accuracy', float('nan')):.2f}, margin {b.get('reward_margin', float('nan')):.3f}.",
+                  "", "![training curve](train/trained_model/train_curve.png)", ""]
+    if evaluation_md:
+        head, body = evaluation_md.split("\n", 1)
+        lines += [head.replace("# ", "## "), body.replace("## ", "### "),
+                  "![probe shift](evaluate/probe_shift.png)", ""]
+    return "\n".join(lines)

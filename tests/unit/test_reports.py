@@ -49,6 +49,9 @@ def test_evaluation_markdown():
 
 ## Probe shift (mean standardised projection on the base model's directions)
 
+*Self-probe*: read through the same criterion directions that made the training data, so it is a manipulation \
+check, not evidence of quality (see the project's evidence rules).
+
 | criterion | base | trained | shift |
 |---|---|---|---|
 | helpful | 0.100 | 0.250 | +0.150 |
@@ -190,3 +193,20 @@ def test_cost_table_takes_stage_costs_and_the_old_name_delegates():
     stage_costs = [StageCost(**c) for c in COSTS]
     assert reports.cost_table(stage_costs) == reports.cost_table(COSTS) == runs_cost_table(stage_costs)
     assert runs_cost_table(stage_costs, per=("pair", 2)) == reports.cost_table(COSTS, per=("pair", 2))
+
+
+def test_run_report_labels_the_self_probe_figure_and_counts():
+    from icon2_lens.runs.costs import StageCost
+
+    costs = [StageCost(stage="generate", prompt_tokens=10, generated_tokens=4, forward_passes=3, wall_seconds=2.0,
+                       rows=2)]
+    md = reports.run_report(out="runs/x", model="m", seed=0, order=["generate"], ran=["generate"], skipped=[],
+                            costs=costs, counts={"kept": 5, "selected": 2, "pairs": 2},
+                            pair_summary={"win_share": 0.9, "scorer": "probe",
+                                          "chosen": {"degenerate_share": 0.0}, "rejected": {"degenerate_share": 0.5}},
+                            train_history=[{"step": 1, "loss": 0.69}, {"step": 2, "loss": 0.5, "reward_accuracy": 1.0,
+                                                                       "reward_margin": 0.2}])
+    assert "*Self-probe* (read through the steering directions" in md and "0.900 of the pairs" in md
+    assert "- synthesized instructions kept: 5" in md and "- preference pairs: 2" in md
+    assert "## DPO training" in md and "loss 0.6900 -> 0.5000" in md
+    assert "| generate |" in md and "per kept pair" in md

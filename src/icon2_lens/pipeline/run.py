@@ -36,8 +36,9 @@ from typing import Any
 
 import yaml
 
+from ..reports import run_report
 from ..runs import names
-from ..runs.costs import StageCost, cost_table, load_costs, measure_costs
+from ..runs.costs import StageCost, load_costs, measure_costs
 from ..runs.io import atomic_write_text
 from .config import RunConfig, load_config, stage_config
 from .stages import STAGES as STAGE_SPECS
@@ -240,51 +241,24 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
 
 
-def _report(cfg: RunConfig, out: Path, result: PipelineResult, order: list[str]) -> str:
-    costs = result.costs
-    n_pairs = next((c.rows for c in costs if c.stage == "generate"), None)
-    total = sum(c.wall_seconds for c in costs)
-    lines = [f"# icon2_lens run: {out}", "",
-             f"Model: {cfg.model or 'embedded SmolLM2-135M-Instruct'}; seed {cfg.seed}. "
-             f"Stages: {', '.join(order)}. Stage wall time summed: {total:.0f} s "
-             f"({total / 60:.1f} min; this invocation ran {', '.join(result.ran) or 'nothing'}, "
-             f"skipped {', '.join(result.skipped) or 'nothing'}).", "",
-             "## Cost per stage", "",
-             "Counted by `icon2_lens.measure_costs` (forward pre-hooks on the watched models; see docs/pipeline.md). "
-             "A resumed stage counts the run that finished it.", "",
-             cost_table(costs, per=("kept pair", n_pairs) if n_pairs else None)]
-    sel = out / "score" / "selected.jsonl"
-    if sel.is_file():
-        lines += ["## Data", "",
-                  f"- synthesized instructions kept: {_count_lines(out / 'synthesize' / 'instructions.jsonl')}",
-                  f"- selected by consistency: {_count_lines(sel)}",
-                  f"- preference pairs: {n_pairs if n_pairs is not None else '-'}", ""]
-    gen_report = out / "generate" / "report.json"
-    if gen_report.is_file():
-        g = json.loads(gen_report.read_text())
-        if "win_share" in g:
-            lines += [f"Chosen beats rejected ({g['scorer']}, neither degenerate) in {g['win_share']:.3f} of the "
-                      f"pairs; degenerate: chosen {g['chosen']['degenerate_share']:.2f}, rejected "
-                      f"{g['rejected']['degenerate_share']:.2f}.", ""]
-    curve = out / "train" / "trained_model" / "train_curve.png"
-    if curve.is_file():
-        from ..training import load_train_log
+def _report(cfg: Any, out: Path, result: PipelineResult, order: list[str]) -> str:
+    """Gather the stage folders' figures for `icon2_lens.reports.run_report`."""
+    def read(path: Path) -> str | None:
+        return path.read_text(encoding="utf-8") if path.is_file() else None
 
-        hist = load_train_log(out / "train" / "trained_model")
-        if hist:
-            a, b = hist[0], hist[-1]
-            lines += ["## DPO training", "",
-                      f"{len(hist)} logged steps: loss {a['loss']:.4f} -> {b['loss']:.4f}, reward accuracy "
-                      f"{b.get('reward_accuracy', float('nan')):.2f}, "
-                      f"margin {b.get('reward_margin', float('nan')):.3f}.",
-                      "", "![DPO curve](train/trained_model/train_curve.png)", ""]
-    ev = out / "evaluate" / "report.md"
-    if ev.is_file():
-        body = ev.read_text().split("\n", 1)[1]
-        lines += [ev.read_text().split("\n", 1)[0].replace("# ", "## "), body.replace("## ", "### "),
-                  "![probe shift](evaluate/probe_shift.png)", ""]
-    return "\n".join(lines)
+    def count(path: Path) -> int | None:
+        text = read(path)
+        return None if text is None else sum(1 for x in text.splitlines() if x.strip())
 
-
-def _count_lines(path: Path) -> int:
-    return sum(1 for x in path.read_text(encoding="utf-8").splitlines() if x.strip()) if path.is_file() else 0
+    log = read(out / "train" / names.TRAINED_MODEL / names.TRAIN_LOG)
+    pair_summary = read(out / "generate" / names.PAIR_REPORT)
+    return run_report(
+        out=str(out), model=cfg.model or "embedded SmolLM2-135M-Instruct", seed=cfg.seed, order=order,
+        ran=result.ran, skipped=result.skipped, costs=result.costs,
+        counts={"kept": count(out / "synthesize" / names.INSTRUCTIONS),
+                "selected": count(out / "score" / names.SELECTED),
+                "pairs": next((c.rows for c in result.costs if c.stage == "generate"), None)},
+        pair_summary=json.loads(pair_summary) if pair_summary else None,
+        train_history=[json.loads(x) for x in log.splitlines() if x.strip()] if log else None,
+        objective=getattr(getattr(cfg, "train", None), "objective", "dpo"),
+        evaluation_md=read(out / "evaluate" / names.EVAL_REPORT))
