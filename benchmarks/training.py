@@ -53,7 +53,8 @@ import torch
 import torch.nn.functional as F
 
 import icon2_lens as il
-from icon2_lens.training import PRESETS, _cpuinfo_bf16, choose_precision, train_dpo
+from icon2_lens.hardware import choose_precision, cpu_bf16_flags
+from icon2_lens.training import PRESETS, train_dpo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, write_result  # noqa: E402
@@ -229,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     env_start = environment(_PACKAGES)
     cpu = cpu_model()
-    flags = _cpuinfo_bf16()
+    flags = cpu_bf16_flags()
     auto, reason = choose_precision("cpu")
     model = il.load_model(device="cpu")
     hf_path = model.info.hf_path

@@ -254,8 +254,6 @@ def resolve_source(source: str | os.PathLike[str] | None) -> tuple[str, str, str
     return "hf_id", s, s, s
 
 
-# TODO: drop once training.py imports `resolve_source` (its owner is editing it).
-_resolve_source = resolve_source
 
 
 def load_model(

@@ -368,3 +368,22 @@ def run_report(*, out: str, model: str, seed: int, order: Sequence[str], ran: Se
         lines += [head.replace("# ", "## "), body.replace("## ", "### "),
                   "![probe shift](evaluate/probe_shift.png)", ""]
     return "\n".join(lines)
+
+
+def train_curve_figure(history: Sequence[Mapping[str, Any]], *,
+                objective: str = "dpo") -> matplotlib.figure.Figure:
+    """Loss, reward accuracy and reward margin per step (no pyplot, no global state)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 3.2))
+    axes = fig.subplots(1, 3)
+    loss_title = {"dpo": "DPO loss", "simpo": "SimPO loss"}.get(objective, "loss")
+    for ax, key, title in zip(axes, ("loss", "reward_accuracy", "reward_margin"),
+                              (loss_title, "reward accuracy", "reward margin"), strict=True):
+        pts = [(r["step"], r[key]) for r in history if key in r]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    return fig

@@ -23,21 +23,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 import typing
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from .hardware import choose_precision
+from .models import resolve_source
+from .reports import train_curve_figure
 from .runs.io import atomic_folder, atomic_write_text
 
 if TYPE_CHECKING:
     import datasets
+    import matplotlib.figure
 
     from .runs.costs import CostMeter
-    import matplotlib.figure
 
 __all__ = ["train", "train_dpo", "TrainConfig", "TrainResult", "PRESETS", "choose_precision", "load_train_log",
            "train_curve"]
@@ -60,114 +63,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 _PRESET_OBJECTIVE: dict[str, str] = {"sao": "simpo"}
 _LOG_KEYS = {"loss": "loss", "rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin",
              "rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected", "learning_rate": "learning_rate"}
-#: CPU flags (``/proc/cpuinfo``) of native bf16 arithmetic.
-_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-# --------------------------------------------------------------------------------------------- precision
-
-
-def _torch_cpu_bf16() -> list[str] | None:
-    """Native bf16 features that torch's private CPU helpers report, or None where torch has none.
-
-    Older torch builds expose ``torch._C._cpu._is_avx512_bf16_supported`` / ``_is_amx_tile_supported``;
-    newer ones (2.13) do not, and the caller falls back to ``/proc/cpuinfo``.
-    """
-    try:
-        import torch
-
-        cpu = getattr(torch._C, "_cpu", None)
-    except Exception:  # pragma: no cover - torch is a dependency
-        return None
-    found: list[str] = []
-    asked = False
-    for label, name in (("avx512_bf16", "_is_avx512_bf16_supported"), ("amx", "_is_amx_tile_supported")):
-        check = getattr(cpu, name, None)
-        if check is None:
-            continue
-        try:
-            ok = bool(check())
-        except Exception:
-            continue
-        asked = True
-        if ok:
-            found.append(label)
-    return found if asked else None
-
-
-def _cpuinfo_bf16(path: str | os.PathLike[str] = "/proc/cpuinfo") -> list[str] | None:
-    """The native-bf16 flags of ``/proc/cpuinfo`` (Linux), or None where it cannot be read."""
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags = set(line.split(":", 1)[1].split())
-            return [f for f in _CPU_BF16_FLAGS if f in flags]
-    return None
-
-
-def _cpu_name() -> str:
-    """The CPU model as ``/proc/cpuinfo`` or `platform` names it (``"CPU"`` if neither does)."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
-
-
-def choose_precision(device: str) -> tuple[Literal["fp32", "bf16"], str]:
-    """The training precision the hardware of ``device`` runs fastest, with a one-line reason.
-
-    - CUDA: ``"bf16"`` if ``torch.cuda.is_bf16_supported()``, else ``"fp32"``.
-    - CPU: ``"bf16"`` only with native bf16 arithmetic (the ``avx512_bf16`` or ``amx_bf16`` flags;
-      torch's private capability checks where this torch has them, else ``/proc/cpuinfo``), else
-      ``"fp32"``: without them bf16 autocast is emulated and a step is about ten times slower.
-    - Anything else (``mps``, ...): ``"fp32"``.
-
-    Args:
-        device: a torch device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...).
-
-    Returns:
-        ``(precision, reason)``, e.g. ``("fp32", "CPU without native bf16 (AMD EPYC 7B13: no avx512_bf16/amx_bf16)")``.
-
-    Examples:
-        >>> choose_precision("mps")
-        ('fp32', 'mps device: fp32 (bf16 is chosen automatically only on CUDA and on CPUs with native bf16)')
-    """
-    kind = str(device).split(":", 1)[0].lower()
-    if kind == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            return "fp32", "CUDA asked for but not available"
-        try:
-            ok = bool(torch.cuda.is_bf16_supported())
-        except Exception as exc:  # no CUDA runtime, no device
-            return "fp32", f"CUDA bf16 support could not be checked ({type(exc).__name__}: {exc})"
-        try:
-            name = torch.cuda.get_device_name(device)
-        except Exception:
-            name = "CUDA device"
-        return ("bf16", f"{name} supports bf16") if ok else ("fp32", f"{name} without bf16 support")
-    if kind == "cpu":
-        found = _torch_cpu_bf16()
-        if found is None:
-            found = _cpuinfo_bf16()
-        name = _cpu_name()
-        if found is None:
-            return "fp32", f"CPU ({name}) whose bf16 support could not be read: fp32 is the safe choice"
-        if found:
-            return "bf16", f"CPU with native bf16 ({name}: {', '.join(found)})"
-        return "fp32", f"CPU without native bf16 ({name}: no {'/'.join(_CPU_BF16_FLAGS)}, bf16 would be emulated)"
-    return "fp32", f"{kind} device: fp32 (bf16 is chosen automatically only on CUDA and on CPUs with native bf16)"
-
-
 # ------------------------------------------------------------------------------------------------ config
 
 
@@ -340,25 +235,12 @@ def load_train_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def train_curve(history: list[dict[str, Any]], *,
-                objective: Literal["dpo", "simpo"] = "dpo") -> "matplotlib.figure.Figure":
-    """Loss, reward accuracy and reward margin per step (no pyplot, no global state)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 3.2))
-    axes = fig.subplots(1, 3)
-    loss_title = {"dpo": "DPO loss", "simpo": "SimPO loss"}.get(objective, "loss")
-    for ax, key, title in zip(axes, ("loss", "reward_accuracy", "reward_margin"),
-                              (loss_title, "reward accuracy", "reward margin")):
-        pts = [(r["step"], r[key]) for r in history if key in r]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
-        ax.set_title(title)
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    return fig
+                objective: Literal["dpo", "simpo"] = "dpo") -> matplotlib.figure.Figure:
+    """Loss, reward accuracy and reward margin per step (`icon2_lens.reports.train_curve_figure`)."""
+    return train_curve_figure(history, objective=objective)
 
 
-def _pairs_dataset(pairs: Any) -> "datasets.Dataset":
+def _pairs_dataset(pairs: Any) -> datasets.Dataset:
     from datasets import Dataset
 
     if isinstance(pairs, (str, os.PathLike)):
@@ -386,7 +268,7 @@ def train(
     device: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
-    costs: "CostMeter | None" = None,
+    costs: CostMeter | None = None,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train a fresh copy of the model on ``pairs`` with DPO or SimPO and save it as an HF folder.
@@ -422,7 +304,6 @@ def train(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .models import _resolve_source
     from .runs.io import check_output_folder
 
     if not isinstance(config, TrainConfig):
@@ -431,7 +312,7 @@ def train(
     cfg = config.hyperparameters()
     out = check_output_folder(output_dir, overwrite=overwrite)
     dataset = _pairs_dataset(pairs)
-    _, hf_path, model_id, _ = _resolve_source(model_source)
+    _, hf_path, model_id, _ = resolve_source(model_source)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     auto, reason = choose_precision(device)
     if config.precision == "auto":
@@ -492,7 +373,7 @@ def train_dpo(
     device: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
-    costs: "CostMeter | None" = None,
+    costs: CostMeter | None = None,
     precision: Literal["auto", "fp32", "bf16"] = "auto",
     gradient_checkpointing: bool = False,
     log: Callable[[str], None] = print,
@@ -542,7 +423,7 @@ def train_dpo(
                  overwrite=overwrite, progress=progress, costs=costs, log=log)
 
 
-def _checkpointing_kwargs(config_class: type, on: bool) -> dict[str, bool]:
+def _checkpointing_kwargs(config_class: type, on: bool) -> dict[str, Any]:
     """Gradient checkpointing on or off for a TRL config class, under the name this transformers reads.
 
     transformers 5.x renamed ``gradient_checkpointing`` to ``activation_checkpointing`` and copies the old
@@ -606,7 +487,7 @@ def _train(policy: Any, ref: Any, peft_config: Any, tokenizer: Any, dataset: Any
                 with log_path.open("a", encoding="utf-8") as f:
                     f.write(json.dumps(row) + "\n")
 
-    common = dict(
+    common: dict[str, Any] = dict(
         output_dir=str(work), beta=cfg["beta"], learning_rate=cfg["learning_rate"],
         num_train_epochs=cfg["epochs"], max_steps=config.max_steps, per_device_train_batch_size=cfg["batch_size"],
         gradient_accumulation_steps=cfg["gradient_accumulation"], max_length=cfg["max_length"],

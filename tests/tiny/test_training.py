@@ -10,6 +10,7 @@ import typing
 import pytest
 
 import icon2_lens as il
+import icon2_lens.hardware as hardware
 import icon2_lens.training as training
 from icon2_lens.cli import main
 from icon2_lens.training import TrainConfig, choose_precision, load_train_log, train, train_dpo
@@ -25,8 +26,8 @@ PAIRS = [
 @pytest.fixture
 def avx2_only(monkeypatch):
     """A CPU without native bf16, whatever this machine has."""
-    monkeypatch.setattr(training, "_torch_cpu_bf16", lambda: None)
-    monkeypatch.setattr(training, "_cpuinfo_bf16", lambda: [])
+    monkeypatch.setattr(hardware, "torch_cpu_bf16", lambda: None)
+    monkeypatch.setattr(hardware, "cpu_bf16_flags", lambda: [])
 
 
 @pytest.fixture
@@ -137,9 +138,9 @@ def test_choose_precision_cuda_unavailable(monkeypatch):
     ([], ["amx_bf16"], "fp32"),
 ])
 def test_choose_precision_cpu(monkeypatch, torch_says, cpuinfo_says, expected):
-    monkeypatch.setattr(training, "_torch_cpu_bf16", lambda: torch_says)
-    monkeypatch.setattr(training, "_cpuinfo_bf16", lambda: cpuinfo_says)
-    monkeypatch.setattr(training, "_cpu_name", lambda: "Test CPU 9000")
+    monkeypatch.setattr(hardware, "torch_cpu_bf16", lambda: torch_says)
+    monkeypatch.setattr(hardware, "cpu_bf16_flags", lambda: cpuinfo_says)
+    monkeypatch.setattr(hardware, "cpu_name", lambda: "Test CPU 9000")
     precision, reason = choose_precision("cpu")
     assert precision == expected
     assert "Test CPU 9000" in reason and "\n" not in reason
@@ -157,9 +158,9 @@ def test_cpuinfo_flags(tmp_path):
     avx2.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2 fma\n\n")
     amx = tmp_path / "amx"
     amx.write_text("processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16 amx_tile amx_bf16\n")
-    assert training._cpuinfo_bf16(avx2) == []
-    assert training._cpuinfo_bf16(amx) == ["avx512_bf16", "amx_bf16"]
-    assert training._cpuinfo_bf16(tmp_path / "missing") is None
+    assert hardware.cpu_bf16_flags(avx2) == []
+    assert hardware.cpu_bf16_flags(amx) == ["avx512_bf16", "amx_bf16"]
+    assert hardware.cpu_bf16_flags(tmp_path / "missing") is None
 
 
 def test_train_config_defaults_and_types():
