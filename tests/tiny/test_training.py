@@ -232,7 +232,7 @@ def test_explicit_precision_and_checkpointing(tiny_model_dir, tmp_path, avx2_onl
 @pytest.fixture
 def cpo_args(monkeypatch):
     """The config object TRL's CPOTrainer receives (``cpo_args["args"]``), and whether a reference was passed."""
-    config_cls, trainer_cls = training._cpo_classes()
+    config_cls, trainer_cls = training.trainer.cpo_classes()
     seen: dict = {}
 
     class Recording(trainer_cls):
@@ -241,7 +241,7 @@ def cpo_args(monkeypatch):
             seen["kwargs"] = set(kw)
             super().__init__(*a, **kw)
 
-    monkeypatch.setattr(training, "_cpo_classes", lambda: (config_cls, Recording))
+    monkeypatch.setattr(training.trainer, "cpo_classes", lambda: (config_cls, Recording))
     return seen
 
 
