@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from .gen import Decoding, engine
 from .math.text import jaccard, normalize_text, shingles
 from .models import LoadedModel
-from .prompts import PreQuery, pre_query_template
+from .prompts import pre_query_template
 from .runs import names
 from .runs.batches import BatchJob, run_batches
 from .runs.io import atomic_write_text
@@ -185,7 +185,6 @@ def clean_generations(
 
 def _generate_batch(
     model: LoadedModel,
-    pq: PreQuery,
     prefix: str,
     size: int,
     *,
@@ -196,9 +195,8 @@ def _generate_batch(
 ) -> list[dict[str, Any]]:
     """Sample ``size`` user turns after the same prefix (no padding needed) on the HF engine; RNG state is restored."""
     tok = model.tokenizer
-    stop = sorted({pq.end_of_turn_id} | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
     decoding = Decoding(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p)
-    gens = engine(model).generate([prefix] * size, decoding, seed=seed, stop=stop)
+    gens = engine(model).generate([prefix] * size, decoding, seed=seed)  # stops at end-of-turn or EOS
     return [{"raw": tok.decode(g.token_ids, skip_special_tokens=False), "finished": g.finished,
              "n_tokens": g.n_tokens} for g in gens]
 
@@ -280,7 +278,7 @@ def synthesize_instructions(
 
     def make(b: int, covers: range, s: int) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
-        new = _generate_batch(model, pq, pq.prefix, len(covers), temperature=temperature, top_p=top_p,
+        new = _generate_batch(model, pq.prefix, len(covers), temperature=temperature, top_p=top_p,
                               max_new_tokens=max_new_tokens, seed=s)
         secs = (time.perf_counter() - t0) / len(new)
         return [{**r, "seconds": secs} for r in new]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import re
 import types
 import typing
@@ -44,7 +45,7 @@ class _LayersText(str):
 
 
 def _field_help(cls: type) -> dict[str, str]:
-    doc = inspect_doc(cls)
+    doc = inspect.getdoc(cls) or ""
     out: dict[str, str] = {}
     if "Attributes:" not in doc:
         return out
@@ -59,13 +60,6 @@ def _field_help(cls: type) -> dict[str, str]:
         elif not line.strip() and current:
             current = None
     return out
-
-
-def inspect_doc(cls: type) -> str:
-    """The class docstring, dedented."""
-    import inspect
-
-    return inspect.getdoc(cls) or ""
 
 
 def _options(hint: Any) -> tuple[Any, list[Any] | None, bool]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -41,6 +42,11 @@ class BridgeEngine(LogitScoring):
 
     def __init__(self, model: LoadedModel) -> None:
         self.model, self.tokenizer = model, model.tokenizer
+
+    @cached_property
+    def stop_ids(self) -> list[int]:
+        """The default stop of `generate`: the chat template's end-of-turn token and EOS (worked out once)."""
+        return stop_ids(self.tokenizer)
 
     @property
     def device(self) -> torch.device:
@@ -84,7 +90,7 @@ class BridgeEngine(LogitScoring):
             return out
         tok = self.tokenizer
         input_ids, mask = padded_batch(tok, encode(tok, prompts), self.device)
-        stop = list(stop) if stop is not None else stop_ids(tok)
+        stop = list(stop) if stop is not None else self.stop_ids
         if steer is not None and steer.rows not in (1, len(prompts)):
             raise ValueError(f"Per-row steering has {steer.rows} rows but there are {len(prompts)} prompts.")
         with seeded(seed, self.device), torch.inference_mode(), \

@@ -16,6 +16,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -107,6 +108,11 @@ class HFEngine(LogitScoring):
         hf.eval()
         self.hf_model = hf
 
+    @cached_property
+    def stop_ids(self) -> list[int]:
+        """The default stop of `generate`: the chat template's end-of-turn token and EOS (worked out once)."""
+        return stop_ids(self.tokenizer)
+
     @property
     def device(self) -> torch.device:
         """Where the model's weights are."""
@@ -159,7 +165,7 @@ class HFEngine(LogitScoring):
         tok = self.tokenizer
         ids = encode(tok, prompts)
         input_ids, mask = padded_batch(tok, ids, self.device)
-        stop = list(stop) if stop is not None else stop_ids(tok)
+        stop = list(stop) if stop is not None else self.stop_ids
         kwargs: dict[str, Any] = {"attention_mask": mask, "max_new_tokens": decoding.max_new_tokens,
                                   "do_sample": decoding.do_sample, "repetition_penalty": decoding.repetition_penalty,
                                   "eos_token_id": stop, "pad_token_id": pad_id(tok), "use_cache": True}

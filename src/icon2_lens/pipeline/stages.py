@@ -16,7 +16,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from ..directions import DirectionSet, ExtractConfig, extract_directions
 from ..evaluation import EvaluateConfig, PairwiseJudge, ProbeScorer, evaluate, pair_report
@@ -31,7 +31,7 @@ from ..scoring import ScoreConfig, save_scores, score_instructions, scoring_laye
 from ..synthesis import SynthesisConfig, synthesize_instructions
 from ..training import TrainConfig, train
 
-__all__ = ["StageSpec", "StageContext", "STAGES", "stage_order"]
+__all__ = ["StageSpec", "StageContext", "STAGES"]
 
 #: ``(context, stage folder, cost meter, stage config, section) -> (rows, written paths)``.
 RunStage = Callable[["StageContext", Path, CostMeter, Any, Any], tuple[int, list[Path]]]
@@ -224,11 +224,3 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("evaluate", ("layers", "score", "train"), EvaluateConfig, _evaluate, extra=EvaluateInputs,
               help="base vs trained on held-out instructions"),
 )}
-
-
-def stage_order() -> list[str]:
-    """Stage names in run order."""
-    return list(STAGES)
-
-
-StageName = Literal["extract", "layers", "synthesize", "score", "generate", "train", "evaluate"]
