@@ -1,7 +1,7 @@
 """The ``icon2-lens`` subcommands (`COMMANDS`): what each reads, runs and writes.
 
 The stage commands and the helpers every command shares are in `icon2_lens.cli.stage_commands`;
-calibrate, run and merge in `icon2_lens.cli.run_commands`. This module is the registry that
+calibrate, run, merge and serve in `icon2_lens.cli.run_commands`. This module is the registry that
 `icon2_lens.cli.build_parser` reads.
 """
 
@@ -45,7 +45,7 @@ class Command:
 
 _RULES = (("top_fraction", "top_k", "threshold"),)
 
-#: Every stage of the registry has a command here (a test checks it); plus calibrate, run and merge.
+#: Every stage of the registry has a command here (a test checks it); plus calibrate, run, merge and serve.
 COMMANDS: dict[str, Command] = {
     "extract": Command(stage_commands.extract_args, stage_commands.extract_command, config=ExtractConfig,
                        help="extract criterion direction vectors into a DirectionSet folder"),
@@ -72,4 +72,7 @@ COMMANDS: dict[str, Command] = {
                      exclusive=_RULES,
                      skip=("layers", "standardize", "render", "batch_size"),
                      help="merge the shard folders of a sharded synthesize/score/generate run (--shard i/n)"),
+    "serve": Command(run_commands.serve_args, run_commands.serve_command,
+                     help="an OpenAI-compatible chat-completions server for the model (GET /v1/models, POST "
+                          "/v1/chat/completions), e.g. a judge endpoint for ChatEndpointJudge"),
 }

@@ -1,5 +1,6 @@
 """The ``icon2-lens`` commands that are not one stage: calibrate (the gamma sweep), run (the whole
-pipeline, resumable) and merge (the shard folders of a sharded stage). The stage commands and the
+pipeline, resumable), merge (the shard folders of a sharded stage) and serve (an OpenAI-compatible
+chat endpoint, e.g. for a judge). The stage commands and the
 helpers every command shares are in `icon2_lens.cli.stage_commands`.
 """
 
@@ -19,10 +20,12 @@ from ..pipeline.config import RunConfig
 from ..runs import names
 from ..runs.io import check_output_folder
 from ..scoring import ScoreConfig, scoring_layers
+from ..serve import serve
 from .options import given_options
 from .stage_commands import SELECTION, load, steering_io_args
 
-__all__ = ["calibrate_args", "calibrate_command", "run_args", "run_command", "merge_args", "merge_command"]
+__all__ = ["calibrate_args", "calibrate_command", "run_args", "run_command", "merge_args", "merge_command",
+           "serve_args", "serve_command"]
 
 
 # ---- calibrate -----------------------------------------------------------------------------------------
@@ -125,3 +128,18 @@ def merge_command(args: argparse.Namespace, cfg: ScoreConfig) -> list[Path]:
     print(f"merged {len(args.shards)} {args.stage} shards: {len(ds)} rows")
     print(json.dumps(summary, indent=2))
     return [args.out / n for n in files]
+
+
+# ---- serve ---------------------------------------------------------------------------------------------
+
+
+def serve_args(p: argparse.ArgumentParser) -> None:
+    """The options of ``icon2-lens serve``."""
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+
+
+def serve_command(args: argparse.Namespace, cfg: None) -> list[Path]:
+    """Run ``icon2-lens serve`` until Ctrl-C; it writes nothing."""
+    serve(load(args), host=args.host, port=args.port)
+    return []
