@@ -11,6 +11,26 @@ engines of `icon2_lens.gen`:
 * ``"both"`` (default): both.
 
 Stages do not use `steer`: they pass a `SteerSpec` to `icon2_lens.gen.Generator.generate`.
+
+**What gamma means** (`Scale`). The same vector family is added at *every* steering layer, and what
+is added at an early layer is still in the residual stream at the later ones, so the pushes add up
+(adjacent-layer directions are close to parallel). No scale makes one gamma "mean the same" across
+models or layer ranges; state strengths in a unit you can check:
+
+* ``"relative"`` (default): at layer ``l`` the vector is ``gamma * resid_norm[c, l] * u[c, l]``, a
+  fraction ``gamma`` of that layer's mean residual norm at the read position. Summed over ``L``
+  layers the push can be several times ``gamma`` of the last layer's residual norm.
+* ``"unit"``: ``gamma * u[c, l]`` (``u`` is a unit vector): gamma is in the residual stream's own
+  units, so its effect depends on the model's residual norms.
+* ``"contrast"``: ``gamma * |proj_gap[c, l]| / L * u[c, l]``, where ``proj_gap`` is the mean
+  projection of the criterion's ``h+ - h-`` (its P+/P- system-prompt gap) at layer ``l``. Summed
+  over the ``L`` layers, gamma = 1 adds about one contrast gap (exactly one if the layer
+  directions were parallel and the gap the same at every layer): gamma is in units of the
+  criterion's own effect.
+
+The Icon2 paper does not state its gamma scale (neither unit nor relative); its values (0.1, -0.05)
+cannot be carried over as they are. `icon2_lens.math.gamma.cumulative_push` measures what a set of
+vectors adds up to at the last steering layer (`icon2_lens.calibrate_gamma` reports it per gamma).
 """
 
 from __future__ import annotations
@@ -29,10 +49,12 @@ from .gen import PositionTracker, SteerAdder, SteerSpec, engine
 from .gen.base import Positions
 from .models import LoadedModel
 
-__all__ = ["steer", "Steering", "steering_vectors", "steer_spec", "Scale", "Positions", "SteerPath"]
+__all__ = ["steer", "Steering", "steering_vectors", "steer_spec", "Scale", "SCALES", "Positions", "SteerPath"]
 
-#: ``"relative"``: gamma is a fraction of the layer's mean residual norm; ``"unit"``: gamma times the unit vector.
-Scale = Literal["relative", "unit"]
+#: What gamma is measured in (module docs): ``"relative"``: a fraction of each layer's mean residual norm;
+#: ``"unit"``: gamma times the unit vector; ``"contrast"``: the criterion's P+/P- projection gap spread over the layers.
+Scale = Literal["relative", "unit", "contrast"]
+SCALES: tuple[str, ...] = ("relative", "unit", "contrast")
 #: Which engine the hooks go on: the fast HF engine, the bridge, or both.
 SteerPath = Literal["hf", "bridge", "both"]
 
@@ -47,17 +69,21 @@ def steering_vectors(
 ) -> dict[int, Float[Tensor, "batch d_model"]]:
     """The vector added at each layer, one row per batch row (or one row for all).
 
-    ``criterion`` and ``gamma`` may each be one value or one per batch row. With
-    ``scale="relative"`` row ``i`` at layer ``l`` is ``gamma_i * resid_norm[c_i, l] * u[c_i, l]``
-    (``resid_norm``: the mean residual norm at the read position, stored in the DirectionSet).
+    ``criterion`` and ``gamma`` may each be one value or one per batch row. Row ``i`` at layer ``l``
+    of the ``L`` layers is ``gamma_i * s * u[c_i, l]`` with ``s`` by ``scale`` (module docs):
+    ``resid_norm[c_i, l]`` (``"relative"``: the mean residual norm at the read position, stored in
+    the DirectionSet), ``1`` (``"unit"``) or ``|proj_gap[c_i, l]| / L`` (``"contrast"``: the mean
+    projection of ``h+ - h-``; it is positive by the sign convention of the directions, its absolute
+    value guards directions made elsewhere). The vectors add up over the layers; see
+    `icon2_lens.math.gamma.cumulative_push`.
 
     Examples:
         >>> vecs = steering_vectors(dirs, "helpful", 0.1, layers=range(15, 25))  # doctest: +SKIP
         >>> vecs[15].shape  # doctest: +SKIP
         torch.Size([1, 576])
     """
-    if scale not in ("relative", "unit"):
-        raise ValueError(f"Unknown scale {scale!r}; use 'relative' or 'unit'.")
+    if scale not in SCALES:
+        raise ValueError(f"Unknown scale {scale!r}; use 'relative', 'unit' or 'contrast'.")
     names = [criterion] if isinstance(criterion, str) else list(criterion)
     if not names:
         raise ValueError("No criterion given; pass a criterion name (or one per row).")
@@ -86,7 +112,12 @@ def steering_vectors(
             raise ValueError(f"Layer {layer} is not in the directions (which have {list(directions.layers)}).")
         li = directions.layers.index(layer)
         u = directions.vectors[idx_t, li]  # [rows, d]
-        size = g if scale == "unit" else g * directions.stats["resid_norm"][idx_t, li]
+        if scale == "unit":
+            size = g
+        elif scale == "relative":
+            size = g * directions.stats["resid_norm"][idx_t, li]
+        else:
+            size = g * directions.stats["proj_gap"][idx_t, li].abs() / len(layers)
         out[int(layer)] = size[:, None] * u
     return out
 
@@ -165,6 +196,9 @@ def steer_spec(
 ) -> SteerSpec:
     """The declarative `SteerSpec` for ``gamma * u_criterion`` (one, or one per row) at ``layers``.
 
+    ``scale`` says what gamma is measured in (``"relative"``, ``"unit"`` or ``"contrast"``; see
+    `steering_vectors` and the module docs).
+
     Examples:
         >>> spec = steer_spec(dirs, ["helpful", "helpful"], [0.07, -0.02], layers=range(15, 25))  # doctest: +SKIP
         >>> spec.rows  # doctest: +SKIP
@@ -196,9 +230,11 @@ def steer(
         criterion: a criterion name, or one per batch row.
         gamma: strength: one value, or one per batch row (a list or a 1-D tensor).
         layers: layer ids (default: the range the layer report suggested).
-        scale: ``"relative"`` (default: gamma is a fraction of the layer's mean residual norm at
-            the read position, so one gamma means the same across models and layers) or ``"unit"``
-            (gamma times the unit vector, the paper's literal reading).
+        scale: what gamma is measured in (module docs): ``"relative"`` (default: a fraction of each
+            layer's mean residual norm at the read position, added at every layer, so the summed push
+            at the last layer is larger than gamma), ``"unit"`` (gamma times the unit vector) or
+            ``"contrast"`` (the criterion's P+/P- projection gap spread over the layers: gamma = 1
+            adds about one gap in all). The paper does not state its scale.
         positions: ``"all"`` (default, as the paper) or ``"generated"`` (only tokens after the prompt).
         path: ``"both"`` (default: hooks on the HF generation model and on the bridge), ``"hf"`` or ``"bridge"``.
 
