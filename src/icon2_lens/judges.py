@@ -110,19 +110,21 @@ def verdicts(ab: Sequence[bool], ba: Sequence[bool]) -> list[float]:
     return [1.0 if x and not y else 0.0 if y and not x else 0.5 for x, y in zip(ab, ba, strict=True)]
 
 
-def judge_summary(ab: Sequence[bool], ba: Sequence[bool]) -> dict[str, Any]:
+def judge_summary(ab: Sequence[bool], ba: Sequence[bool], *, unparsed: int = 0) -> dict[str, Any]:
     """Win/tie/loss of ``a`` against ``b`` from the raw verdicts of both orders, with the judge's position bias.
 
     ``ab[i]``: the judge picked the first shown response with ``a`` first; ``ba[i]``: with ``b`` first
-    (what `Judge.orders` returns). A verdict that flips with the order is a tie.
+    (what `Judge.orders` returns). A verdict that flips with the order is a tie. ``unparsed``: how many of
+    the ``2 n`` replies named neither response (`ChatEndpointJudge.unparsed`; they are in ``ab``/``ba`` as
+    "did not pick the first"), reported with the summary and in the note.
 
     Returns:
-        ``{"n", "win", "tie", "loss", "first_position_share", "able_to_judge", "note"}``: ``win``/``tie``/
+        ``{"n", "win", "tie", "loss", "first_position_share", "able_to_judge", "unparsed", "note"}``: ``win``/``tie``/
         ``loss`` are shares of the ``n`` items; ``first_position_share`` the share of the ``2 n`` verdicts
         that picked the response shown first (0.5: no position bias); ``able_to_judge`` is ``False`` when
         that share is above `JUDGE_POSITION_LIMIT` or below ``1 - JUDGE_POSITION_LIMIT`` (the judge reads
-        the position, not the answers, so its ties say nothing about the methods), and ``note`` then says so
-        (else it is ``""``).
+        the position, not the answers, so its ties say nothing about the methods), and ``note`` then says so;
+        it also says how many replies were unparsed (``""`` when there is nothing to say).
 
     Examples:
         >>> s = judge_summary([True, True, False, True], [False, True, True, False])
@@ -135,15 +137,19 @@ def judge_summary(ab: Sequence[bool], ba: Sequence[bool]) -> dict[str, Any]:
     n = len(v)
     if n == 0:
         raise ValueError("judge_summary needs at least one verdict pair; got none.")
+    if not 0 <= unparsed <= 2 * n:
+        raise ValueError(f"unparsed must be between 0 and the {2 * n} verdicts, got {unparsed}.")
     first = (sum(map(bool, ab)) + sum(map(bool, ba))) / (2 * n)
     able = 1 - JUDGE_POSITION_LIMIT <= first <= JUDGE_POSITION_LIMIT
-    note = ""
+    notes = []
     if not able:
         side, share = ("first", first) if first > 0.5 else ("second", 1 - first)
-        note = f"unable to judge: picks the {side} position in {share:.0%} of verdicts"
+        notes.append(f"unable to judge: picks the {side} position in {share:.0%} of verdicts")
+    if unparsed:
+        notes.append(f"{unparsed} of {2 * n} replies named neither response (counted as not picking the first)")
     return {"n": n, "win": sum(x == 1.0 for x in v) / n, "tie": sum(x == 0.5 for x in v) / n,
             "loss": sum(x == 0.0 for x in v) / n, "first_position_share": first, "able_to_judge": able,
-            "note": note}
+            "unparsed": unparsed, "note": "; ".join(notes)}
 
 
 def is_pairwise(scorer: Any) -> TypeGuard[Judge]:
@@ -389,8 +395,12 @@ class ChatEndpointJudge:
     results keep their order.
 
     A reply that names neither letter (or both) counts as "did not pick the first response" and is
-    counted in `unparsed` (out of `asked`); many unparsed replies pull `judge_summary`'s
-    ``first_position_share`` down, so read the two together.
+    counted in `unparsed` (out of `asked`); many unparsed replies pull the first-position share
+    down, so pass the count on: ``judge_summary(ab, ba, unparsed=judge.unparsed)``.
+
+    ``max_tokens`` is 16 by default: small chat models rarely answer with the bare letter. Measured on
+    the embedded SmolLM2-135M-Instruct through ``icon2-lens serve`` (8 replies): 7 unparsed at
+    ``max_tokens=1``, 6 at 4, 3 at 16 ("The answer is A.", "... the correct answer is indeed A: ...").
 
     Args:
         url: the server's base URL, with or without the trailing ``/v1`` (``http://127.0.0.1:8000`` and
@@ -399,11 +409,11 @@ class ChatEndpointJudge:
         api_key: sent as ``Authorization: Bearer ...`` when given.
         timeout: seconds to wait for each reply (a busy single-request server queues the others).
         max_workers: requests in flight at once.
-        max_tokens: the reply's token budget (the verdict is one letter).
+        max_tokens: the reply's token budget (the verdict is one letter, often after a few words).
 
     Attributes:
         asked: replies received so far.
-        unparsed: replies that named neither "A" nor "B" (or both).
+        unparsed: replies that named neither "A" nor "B" (or both), so far; set it to 0 to count afresh.
 
     Examples:
         >>> judge = ChatEndpointJudge("http://127.0.0.1:8000", "SmolLM2-135M-Instruct")  # doctest: +SKIP
@@ -414,7 +424,7 @@ class ChatEndpointJudge:
     name = "chat_endpoint"
 
     def __init__(self, url: str, model: str, *, api_key: str | None = None, timeout: float = 60.0,
-                 max_workers: int = 4, max_tokens: int = 4) -> None:
+                 max_workers: int = 4, max_tokens: int = 16) -> None:
         if max_workers < 1 or max_tokens < 1 or not timeout > 0:
             raise ValueError(f"max_workers and max_tokens must be at least 1 and timeout above 0; got "
                              f"{max_workers}, {max_tokens}, {timeout}.")

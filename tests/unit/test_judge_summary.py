@@ -41,6 +41,16 @@ def test_all_ties_from_position_bias_are_not_a_result():
     assert s["tie"] == 1.0 and s["first_position_share"] == 1.0 and s["able_to_judge"] is False
 
 
+def test_unparsed_replies_are_reported():
+    s = judge_summary([False] * 4, [False, False, False, True], unparsed=7)
+    assert s["unparsed"] == 7 and not s["able_to_judge"]
+    assert s["note"] == ("unable to judge: picks the second position in 88% of verdicts; 7 of 8 replies named neither "
+                         "response (counted as not picking the first)")
+    assert judge_summary([True], [False])["unparsed"] == 0
+    with pytest.raises(ValueError, match="unparsed"):
+        judge_summary([True], [False], unparsed=3)
+
+
 def test_errors():
     with pytest.raises(ValueError, match="at least one"):
         judge_summary([], [])
