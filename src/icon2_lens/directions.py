@@ -180,6 +180,30 @@ class DirectionSet:
         v = self.vectors.transpose(0, 1)  # [layer, C, d]
         return v @ v.transpose(1, 2)
 
+    def response_separation(self, layers: Sequence[int] | None = None) -> dict[str, float | None]:
+        """Per criterion: the layer report's measure (c) averaged over ``layers`` (default: the suggested range).
+
+        (c) is the share of held-out human-written response pairs (a good and a bad answer to the same
+        question) whose reading orders the good one above the bad one along the criterion's direction:
+        0.5 is chance, below 0.5 the direction reads backwards. ``None`` for a criterion without response
+        pairs; an empty dict before a layer report has run (`icon2_lens.layer_report(...).apply(dirs)`).
+
+        Examples:
+            >>> dirs.response_separation()  # doctest: +SKIP
+            {'general': 0.84, 'helpful': 0.81, 'honest': 0.66, 'harmless': 0.06}
+        """
+        rep = self.meta.get("layer_report")
+        if not rep:
+            return {}
+        want = list(layers) if layers is not None else (self.suggested_layers or list(rep["layers"]))
+        cols = [rep["layers"].index(x) for x in want if x in rep["layers"]]
+        out: dict[str, float | None] = {}
+        for i, c in enumerate(rep["criteria"]):
+            vals = [rep["response"][i][j] for j in cols]
+            vals = [v for v in vals if v is not None]
+            out[c] = sum(vals) / len(vals) if vals else None
+        return out
+
     def with_meta(self, **updates: Any) -> DirectionSet:
         """A copy with metadata keys updated (the caller's object is not changed)."""
         return replace(self, meta={**self.meta, **updates})

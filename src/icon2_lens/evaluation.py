@@ -11,17 +11,22 @@ The text metrics (`distinct_n`, `is_degenerate`, `degeneration_stats`, `parse_ve
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from jaxtyping import Float
+from torch import Tensor
+
 from .directions import DirectionSet
-from .judges import Judge, PairwiseJudge, ProbeScorer, RewardModelScorer, Scorer, is_pairwise, verdicts
-from .math.probe import probe_scores
+from .judges import Judge, PairwiseJudge, ProbeScorer, RewardModelScorer, Scorer, is_pairwise, judge_summary
+from .math.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT, paired_difference
+from .math.probe import orthogonalize_criteria, probe_scores, project
 from .math.text import degeneration_stats, distinct_n, is_degenerate, parse_verdict
 from .models import LoadedModel
+from .preference import PreferencePair, check_held_out, evaluate_preferences, load_preference_set
 from .prompts import render_chat
-from .reports import evaluation_markdown, probe_shift_figure
+from .reports import evaluation_markdown, preference_figure, probe_shift_figure
 
 __all__ = [
     "EvaluateConfig",
@@ -36,6 +41,8 @@ __all__ = [
     "parse_verdict",
     "degeneration_stats",
     "probe_means",
+    "probe_readings",
+    "self_probe_shift",
     "evaluate",
 ]
 
@@ -46,11 +53,18 @@ class EvaluateConfig:
 
     Attributes:
         max_new_tokens: token budget per answer.
-        batch_size: answers per generation batch.
+        batch_size: answers per generation batch and preference pairs per forward pass.
+        preference_set: a JSONL file of held-out preference pairs (``prompt``, ``chosen``, ``rejected``,
+            optional ``criterion``); ``None``: the shipped set's ``test`` split.
+        n_boot: bootstrap resamples of every interval.
+        level: interval coverage (0.9: 90% intervals).
     """
 
     max_new_tokens: int = 128
     batch_size: int = 8
+    preference_set: str | None = None
+    n_boot: int = DEFAULT_N_BOOT
+    level: float = DEFAULT_LEVEL
 
 
 
@@ -116,14 +130,20 @@ def _answers(model: LoadedModel, instructions: Sequence[str], *, max_new_tokens:
     return out
 
 
-def probe_means(model: LoadedModel, directions: DirectionSet, instructions: Sequence[str], *,
-                layers: Sequence[int] | None = None, batch_size: int = 16) -> dict[str, float]:
-    """Mean standardised projection of the model's last-token residual (instruction as the user
-    turn, no system prompt of our own) on each criterion's direction, averaged over ``layers``.
+def probe_readings(model: LoadedModel, directions: DirectionSet, instructions: Sequence[str], *,
+                   layers: Sequence[int] | None = None, batch_size: int = 16,
+                   orthogonal: bool = True) -> Float[Tensor, "instruction criterion"]:
+    """Per instruction and criterion: the standardised projection of the model's last-token residual
+    (instruction as the user turn, no system prompt of our own) on the criterion's direction, averaged
+    over ``layers``. With ``orthogonal`` (default) each direction has the other criteria's directions
+    projected out first (`icon2_lens.math.orthogonalize_criteria`) and the projection is divided by the
+    feature set's projection spread (no centring: base and trained are compared on the same scale).
+
+    A *self-probe*: it reads the directions that made the data (EVIDENCE.md).
 
     Examples:
-        >>> probe_means(trained, base_dirs, heldout)["helpful"]  # doctest: +SKIP
-        0.12
+        >>> probe_readings(trained, base_dirs, heldout).shape  # doctest: +SKIP
+        torch.Size([16, 4])
     """
     from .activations import read_last_token
     from .prompts import scoring_texts
@@ -133,99 +153,176 @@ def probe_means(model: LoadedModel, directions: DirectionSet, instructions: Sequ
     cols = [directions.layers.index(x) for x in layer_ids]
     h = read_last_token(model, scoring_texts(model.tokenizer, instructions), hook=directions.hook, layers=layer_ids,
                         batch_size=batch_size, progress=False)
-    z = probe_scores(h, directions.vectors[:, cols], mean=directions.stats["proj_mean"][:, cols],
-                     std=directions.stats["proj_std"][:, cols]).mean(0)
+    vecs = directions.vectors[:, cols]
+    if orthogonal:
+        return (project(h, orthogonalize_criteria(vecs)) / directions.stats["proj_std"][None, :, cols]).mean(-1)
+    return probe_scores(h, vecs, mean=directions.stats["proj_mean"][:, cols], std=directions.stats["proj_std"][:, cols])
+
+
+def probe_means(model: LoadedModel, directions: DirectionSet, instructions: Sequence[str], *,
+                layers: Sequence[int] | None = None, batch_size: int = 16) -> dict[str, float]:
+    """Mean standardised projection of the model's last-token residual (instruction as the user
+    turn, no system prompt of our own) on each criterion's direction, averaged over ``layers``
+    (a *self-probe*; `probe_readings` with ``orthogonal=False``, averaged over instructions).
+
+    Examples:
+        >>> probe_means(trained, base_dirs, heldout)["helpful"]  # doctest: +SKIP
+        0.12
+    """
+    z = probe_readings(model, directions, instructions, layers=layers, batch_size=batch_size, orthogonal=False).mean(0)
     return {c: float(z[i]) for i, c in enumerate(directions.criteria)}
+
+
+def self_probe_shift(base: LoadedModel, trained: LoadedModel, directions: DirectionSet, instructions: Sequence[str],
+                     *, layers: Sequence[int] | None = None, n_boot: int = DEFAULT_N_BOOT, level: float = DEFAULT_LEVEL,
+                     seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Per criterion: trained minus base `probe_readings` (other criteria projected out), paired over the
+    instructions, with a bootstrap interval. A *self-probe* (a manipulation check, never a quality result).
+
+    Examples:
+        >>> self_probe_shift(base, trained, dirs, heldout)["helpful"]["shift"]  # doctest: +SKIP
+    """
+    zb = probe_readings(base, directions, instructions, layers=layers)
+    zt = probe_readings(trained, directions, instructions, layers=layers)
+    out: dict[str, dict[str, Any]] = {}
+    for i, c in enumerate(directions.criteria):
+        iv = paired_difference(zt[:, i], zb[:, i], n_boot=n_boot, level=level, seed=seed)
+        out[c] = {"base": float(zb[:, i].mean()), "trained": float(zt[:, i].mean()), "shift": iv.mean,
+                  "shift_ci_low": iv.low, "shift_ci_high": iv.high, "n": iv.n}
+    return out
 
 
 def evaluate(
     base: LoadedModel,
     trained: LoadedModel,
-    directions: DirectionSet,
-    instructions: Sequence[str],
+    directions: DirectionSet | None = None,
+    instructions: Sequence[str] | None = None,
     *,
+    preference_set: str | os.PathLike[str] | Sequence[PreferencePair] | None = None,
+    controls: Mapping[str, LoadedModel] | None = None,
     judge: Any | None = None,
     layers: Sequence[int] | None = None,
     max_new_tokens: int = EvaluateConfig.max_new_tokens,
     batch_size: int = EvaluateConfig.batch_size,
     training_instructions: Sequence[str] | None = None,
+    n_boot: int = EvaluateConfig.n_boot,
+    level: float = EvaluateConfig.level,
+    seed: int = 0,
     out: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Base vs trained model on held-out instructions: probe shift, pairwise judge, degeneration.
+    """Base vs trained (and controls): judge-free preference margins first, then answers, judge and self-probe.
+
+    The headline is independent of the steering directions: on held-out human-written preference pairs
+    (`icon2_lens.preference`), each model's length-normalised log-likelihood margin of the better over the
+    worse answer, preference accuracy, the margin's shift against the base model and the DPO implicit
+    reward accuracy, per criterion, with paired bootstrap intervals and both sides' lengths; the trained
+    model is compared pair by pair with each control (swapped pairs, random direction: `icon2_lens.controls`).
+
+    With ``instructions``: both models answer them (greedy, repetition penalty 1.1) for a pairwise judge
+    (both orders, flips are ties, its first-position share reported, and a judge above 0.8 reported as
+    unable to judge) and degeneration figures; with ``directions`` too, the *self-probe* shift per
+    criterion (other criteria projected out, with an interval), labelled as such.
 
     Args:
-        base: the model before training (its directions are the probes).
-        trained: the trained model (same shape: `DirectionSet.check_compatible` must pass).
-        directions: the base model's `DirectionSet`.
-        instructions: held-out instructions (not trained on).
-        judge: a `PairwiseJudge` (default: the base model judging, both orders, flips are ties).
-        layers: probe layers (default: the suggested range).
-        max_new_tokens: answer budget (greedy, repetition penalty 1.1).
-        batch_size: answers per generation batch.
-        training_instructions: if given, a warning names the overlap with ``instructions``.
-        out: a folder for ``metrics.json``, ``report.md``, ``probe_shift.png`` and the AlpacaEval-format
-            ``alpaca_eval_base.json`` / ``alpaca_eval_trained.json`` (written atomically).
+        base: the model before training (the reference of the margin shift and implicit reward).
+        trained: the trained model.
+        directions: the base model's `DirectionSet` (for the self-probe; optional).
+        instructions: held-out instructions for answers and the judge (optional).
+        preference_set: a JSONL file (``prompt``, ``chosen``, ``rejected``, optional ``criterion``), a list of
+            `icon2_lens.preference.PreferencePair`, or ``None`` for the shipped set's ``test`` split.
+        controls: name -> control model (e.g. ``{"swapped": m1, "random": m2}``), evaluated beside ``trained``.
+        judge: a `Judge` (default: the base model judging itself, `PairwiseJudge`).
+        layers: self-probe layers (default: the suggested range).
+        max_new_tokens: answer budget.
+        batch_size: answers per generation batch and pairs per forward pass.
+        training_instructions: instructions trained on or used to choose settings: a warning names any overlap
+            with ``instructions`` or the preference prompts.
+        n_boot: bootstrap resamples.
+        level: interval coverage (0.9: 90% intervals).
+        seed: bootstrap seed.
+        out: a folder for ``metrics.json``, ``report.md``, ``preference.png`` and, with instructions,
+            ``probe_shift.png`` and the AlpacaEval-format ``alpaca_eval_base.json`` / ``alpaca_eval_trained.json``
+            (written atomically).
         overwrite: replace an existing ``out``.
         progress: progress bars.
 
     Returns:
-        The metrics: ``probe`` (per criterion: base, trained, shift), ``judge`` (win, tie, loss rates of
-        trained vs base), ``degeneration`` (per model), ``n``.
+        The metrics: ``preference`` (`icon2_lens.preference.evaluate_preferences`: per model and criterion
+        ``n``, ``preference_accuracy``, ``margin_mean``, ``margin_ci_low``, ``margin_ci_high``,
+        ``implicit_reward_accuracy``, lengths, the shift against base, and the contrasts with the controls),
+        and with instructions ``judge``, ``degeneration``, ``self_probe``, ``n_instructions``.
 
     Examples:
-        >>> m = il.evaluate(base, trained, dirs, heldout, out="runs/eval")  # doctest: +SKIP
+        >>> m = il.evaluate(base, trained, preference_set="my_pairs.jsonl", out="runs/eval")  # doctest: +SKIP
+        >>> m["preference"]["models"]["trained"]["all"]["margin_shift_mean"]  # doctest: +SKIP
     """
     import json as _json
     import warnings
 
     from .runs.io import atomic_folder, check_output_folder
 
-    instructions = list(instructions)
-    if not instructions:
-        raise ValueError("No held-out instructions to evaluate on.")
     if out is not None:
         check_output_folder(out, overwrite=overwrite)
-    directions.check_compatible(base)
-    directions.check_compatible(trained)
+    if isinstance(preference_set, (str, os.PathLike)) or preference_set is None:
+        pref_pairs = load_preference_set(preference_set)
+    else:
+        pref_pairs = list(preference_set)
+    instructions = list(instructions) if instructions is not None else []
+    if directions is not None:
+        directions.check_compatible(base)
+        directions.check_compatible(trained)
+    controls = dict(controls or {})
+    clash = {"base", "trained"} & set(controls)
+    if clash:
+        raise ValueError(f"Control names {sorted(clash)} are taken; name the controls e.g. 'swapped', 'random'.")
     if training_instructions is not None:
-        overlap = set(instructions) & set(training_instructions)
+        used = list(training_instructions)
+        overlap = set(instructions) & set(used)
         if overlap:
             warnings.warn(f"{len(overlap)} of the {len(instructions)} evaluation instructions were trained on "
                           f"(e.g. {sorted(overlap)[0]!r}); the evaluation is not held out.", stacklevel=2)
-    ans_base = _answers(base, instructions, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
-                        desc="base answers")
-    ans_trained = _answers(trained, instructions, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           progress=progress, desc="trained answers")
-    pb = probe_means(base, directions, instructions, layers=layers)
-    pt = probe_means(trained, directions, instructions, layers=layers)
-    judge = judge if judge is not None else PairwiseJudge(base)
-    first_share = None
-    if hasattr(judge, "orders"):  # keep the raw verdicts: how often the judge simply picks the first position
-        ab, ba = judge.orders(instructions, ans_trained, ans_base)
-        verdict = verdicts(ab, ba)
-        first_share = (sum(ab) + sum(ba)) / (2 * len(ab))
-    else:
-        verdict = judge.compare(instructions, ans_trained, ans_base)
-    n = len(instructions)
+        seen = check_held_out(pref_pairs, used)
+        if seen:
+            warnings.warn(f"{len(seen)} of the {len(pref_pairs)} preference prompts were trained on or used to choose "
+                          f"settings (e.g. {seen[0]!r}); the preference figures are not held out.", stacklevel=2)
+    models = {"base": base, "trained": trained, **controls}
     metrics: dict[str, Any] = {
-        "n": n,
-        "probe": {c: {"base": pb[c], "trained": pt[c], "shift": pt[c] - pb[c]} for c in directions.criteria},
-        "judge": {"name": getattr(judge, "name", type(judge).__name__),
-                  "win": sum(v == 1.0 for v in verdict) / n, "tie": sum(v == 0.5 for v in verdict) / n,
-                  "loss": sum(v == 0.0 for v in verdict) / n, "first_position_share": first_share},
-        "degeneration": {"base": degeneration_stats(ans_base), "trained": degeneration_stats(ans_trained)},
-        "models": {"base": base.info.model_id, "trained": trained.info.model_id},
+        "preference": evaluate_preferences(models, pref_pairs, reference="base", subject="trained",
+                                           batch_size=batch_size, n_boot=n_boot, level=level, seed=seed),
+        "models": {k: m.info.model_id for k, m in models.items()},
+        "n_instructions": len(instructions),
     }
+    answers: dict[str, list[str]] = {}
+    if instructions:
+        for name in ("base", "trained"):
+            answers[name] = _answers(models[name], instructions, max_new_tokens=max_new_tokens,
+                                     batch_size=batch_size, progress=progress, desc=f"{name} answers")
+        judge = judge if judge is not None else PairwiseJudge(base)
+        if hasattr(judge, "orders"):  # keep the raw verdicts: how often the judge simply picks the first position
+            ab, ba = judge.orders(instructions, answers["trained"], answers["base"])
+            metrics["judge"] = {"name": getattr(judge, "name", type(judge).__name__), **judge_summary(ab, ba)}
+        else:
+            verdict = judge.compare(instructions, answers["trained"], answers["base"])
+            n = len(verdict)
+            metrics["judge"] = {"name": getattr(judge, "name", type(judge).__name__), "n": n,
+                                "win": sum(v == 1.0 for v in verdict) / n, "tie": sum(v == 0.5 for v in verdict) / n,
+                                "loss": sum(v == 0.0 for v in verdict) / n, "first_position_share": None,
+                                "able_to_judge": None, "note": "the judge gave no per-order verdicts"}
+        metrics["degeneration"] = {k: degeneration_stats(v) for k, v in answers.items()}
+        if directions is not None:
+            metrics["self_probe"] = self_probe_shift(base, trained, directions, instructions, layers=layers,
+                                                     n_boot=n_boot, level=level, seed=seed)
     if out is not None:
         with atomic_folder(out, overwrite=overwrite) as tmp:
             (tmp / "metrics.json").write_text(_json.dumps(metrics, indent=2))
-            for name, model, answers in (("base", base, ans_base), ("trained", trained, ans_trained)):
-                rows = [{"instruction": q, "output": a, "generator": model.info.model_id}
-                        for q, a in zip(instructions, answers, strict=True)]
+            for name, answer_list in answers.items():
+                rows = [{"instruction": q, "output": a, "generator": models[name].info.model_id}
+                        for q, a in zip(instructions, answer_list, strict=True)]
                 (tmp / f"alpaca_eval_{name}.json").write_text(_json.dumps(rows, indent=2))
             (tmp / "report.md").write_text(evaluation_markdown(metrics))
-            probe_shift_figure(metrics).savefig(tmp / "probe_shift.png", dpi=110)
+            preference_figure(metrics).savefig(tmp / "preference.png", dpi=110)
+            if "self_probe" in metrics:
+                probe_shift_figure(metrics).savefig(tmp / "probe_shift.png", dpi=110)
     return metrics
-

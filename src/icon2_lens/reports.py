@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "evaluation_markdown",
+    "preference_markdown",
+    "preference_figure",
     "probe_shift_figure",
     "calibration_table",
     "calibration_figure",
@@ -51,45 +53,120 @@ Grid = Tensor | Sequence[Sequence[float | None]]
 # ---- evaluation ------------------------------------------------------------------------------------------
 
 
+def _num(x: Any, fmt: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def preference_markdown(p: Mapping[str, Any]) -> list[str]:
+    """Markdown lines of the judge-free preference figures (`icon2_lens.preference.evaluate_preferences`)."""
+    pct = round(100 * p["level"])
+    s = p.get("set", {})
+    lines = [f"## Judge-free preference margins (held-out human-written pairs, n = {s.get('n', '?')}, "
+             f"set sha256 {str(s.get('sha256', ''))[:12]})", "",
+             "Length-normalised log-likelihood margin of the better over the worse answer (nats/token); "
+             f"accuracy = share of pairs with a positive margin; shift = the model's margin minus the base "
+             f"model's, paired, {pct}% bootstrap interval; implicit reward = DPO's log-ratio against the base "
+             "model (share of pairs it ranks right). Lengths in tokens (chosen / rejected). None of these read "
+             "the steering directions.", "",
+             "| model | criterion | n | accuracy | margin [CI] | shift vs base [CI] | implicit reward acc. | "
+             "length c / r |", "|---|---|---|---|---|---|---|---|"]
+    for name, cells in p["models"].items():
+        for crit, c in cells.items():
+            shift = ("-" if c.get("margin_shift_mean") is None else
+                     f"{c['margin_shift_mean']:+.4f} "
+                     f"[{c['margin_shift_ci_low']:+.4f}, {c['margin_shift_ci_high']:+.4f}]")
+            lines.append(f"| {name} | {crit} | {c['n']} | {c['preference_accuracy']:.3f} | {c['margin_mean']:+.4f} "
+                         f"[{c['margin_ci_low']:+.4f}, {c['margin_ci_high']:+.4f}] | {shift} | "
+                         f"{_num(c['implicit_reward_accuracy'])} | {c['chosen_tokens_mean']:.0f} / "
+                         f"{c['rejected_tokens_mean']:.0f} |")
+    con = p.get("contrasts")
+    if con and con.get("controls"):
+        lines += ["", f"### {con['subject']} against its controls (margin difference, paired, {pct}% interval)", "",
+                  "| control | criterion | n | difference [CI] | distinguishable |", "|---|---|---|---|---|"]
+        for ctrl, cells in con["controls"].items():
+            for crit, d in cells.items():
+                lines.append(f"| {ctrl} | {crit} | {d['n']} | {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] | "
+                             f"{'yes' if d['distinguishable'] else 'no: not distinguishable at this size'} |")
+    return lines
+
+
 def evaluation_markdown(m: Mapping[str, Any]) -> str:
     """The evaluation report (``report.md``) from `icon2_lens.evaluate`'s metrics (``metrics.json``).
 
-    Three sections: the probe shift per criterion, the pairwise judge's win/tie/loss (and its
-    first-position share when recorded), the degeneration figures per model.
+    The judge-free preference margins first (the independent figures), then, when answers were generated,
+    the pairwise judge (with its position bias), degeneration, and last the self-probe shift, labelled.
     """
-    lines = [f"# Evaluation: {m['models']['trained']} vs {m['models']['base']} ({m['n']} held-out instructions)", "",
-             "## Probe shift (mean standardised projection on the base model's directions)", "",
-             "*Self-probe*: read through the same criterion directions that made the training data, so it is a "
-             "manipulation check, not evidence of quality (see the project's evidence rules).", "",
-             "| criterion | base | trained | shift |", "|---|---|---|---|"]
-    lines += [f"| {c} | {v['base']:.3f} | {v['trained']:.3f} | {v['shift']:+.3f} |" for c, v in m["probe"].items()]
-    j = m["judge"]
-    lines += ["", f"## Pairwise judge ({j['name']}, both orders; a flip is a tie)", "",
-              "| win | tie | loss |", "|---|---|---|", f"| {j['win']:.2f} | {j['tie']:.2f} | {j['loss']:.2f} |", ""]
-    if j.get("first_position_share") is not None:
-        lines += [f"The judge picked the response shown first in {j['first_position_share']:.2f} of its "
-                  f"{2 * m['n']} verdicts (0.5 would be no position bias; 0 or 1 means it reads the position, "
-                  "not the answers).", ""]
-    lines += ["## Degeneration", "", "| model | distinct-1 | distinct-2 | repetition | degenerate | mean words |",
-              "|---|---|---|---|---|---|"]
-    for name, d in m["degeneration"].items():
-        lines.append(f"| {name} | {d['distinct1']:.2f} | {d['distinct2']:.2f} | {d['repetition_rate']:.2f} | "
-                     f"{d['degenerate_share']:.2f} | {d['mean_words']:.0f} |")
+    models = m["models"]
+    lines = [f"# Evaluation: {models['trained']} vs {models['base']}"
+             + (f" (controls: {', '.join(k for k in models if k not in ('base', 'trained'))})"
+                if len(models) > 2 else ""), ""]
+    lines += preference_markdown(m["preference"])
+    if "judge" in m:
+        j = m["judge"]
+        lines += ["", f"## Pairwise judge ({j['name']}, {m['n_instructions']} held-out instructions, both orders; "
+                  "a flip is a tie)", "", "| win | tie | loss |", "|---|---|---|",
+                  f"| {j['win']:.2f} | {j['tie']:.2f} | {j['loss']:.2f} |", ""]
+        if j.get("first_position_share") is not None:
+            lines += [f"The judge picked the response shown first in {j['first_position_share']:.2f} of its "
+                      f"{2 * j['n']} verdicts (0.5: no position bias)."
+                      + (f" **{j['note']}**: its verdicts are not evidence either way." if j.get("note") else ""), ""]
+    if "degeneration" in m:
+        lines += ["## Degeneration", "", "| model | distinct-1 | distinct-2 | repetition | degenerate | mean words |",
+                  "|---|---|---|---|---|---|"]
+        for name, d in m["degeneration"].items():
+            lines.append(f"| {name} | {d['distinct1']:.2f} | {d['distinct2']:.2f} | {d['repetition_rate']:.2f} | "
+                         f"{d['degenerate_share']:.2f} | {d['mean_words']:.0f} |")
+    if "self_probe" in m:
+        pct = round(100 * m["preference"]["level"])
+        lines += ["", "## Self-probe shift (the base model's criterion directions, others projected out)", "",
+                  "*Self-probe*: read through the same criterion directions that made the training data, so it is a "
+                  "manipulation check, not evidence of quality (see the project's evidence rules).", "",
+                  f"| criterion | base | trained | shift [{pct}% CI] |", "|---|---|---|---|"]
+        lines += [f"| {c} | {v['base']:.3f} | {v['trained']:.3f} | {v['shift']:+.3f} [{v['shift_ci_low']:+.3f}, "
+                  f"{v['shift_ci_high']:+.3f}] |" for c, v in m["self_probe"].items()]
     return "\n".join(lines) + "\n"
 
 
+def preference_figure(m: Mapping[str, Any]) -> matplotlib.figure.Figure:
+    """Margin shift against the base model per criterion and model, with intervals (``preference.png``)."""
+    from matplotlib.figure import Figure
+
+    p = m["preference"]
+    names = [k for k in p["models"] if k != p.get("reference")]
+    crits = list(next(iter(p["models"].values())))
+    fig = Figure(figsize=(6.5, 3.4))
+    ax = fig.subplots()
+    width = 0.8 / max(len(names), 1)
+    for j, name in enumerate(names):
+        cells = p["models"][name]
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(crits))]
+        mid = [cells[c].get("margin_shift_mean") or 0.0 for c in crits]
+        lo = [mid[i] - (cells[c].get("margin_shift_ci_low") or 0.0) for i, c in enumerate(crits)]
+        hi = [(cells[c].get("margin_shift_ci_high") or 0.0) - mid[i] for i, c in enumerate(crits)]
+        ax.bar(xs, mid, width=width, yerr=[lo, hi], capsize=3, label=name)
+    ax.set_xticks(list(range(len(crits))), crits)
+    ax.set_ylabel("margin shift vs base (nats/token)")
+    ax.axhline(0, color="0.5", lw=0.8)
+    ax.set_title(f"held-out preference pairs, {round(100 * p['level'])}% intervals", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def probe_shift_figure(m: Mapping[str, Any]) -> matplotlib.figure.Figure:
-    """Bars of the base and trained probe means per criterion (``probe_shift.png``), from the metrics."""
+    """Bars of the base and trained self-probe readings per criterion (``probe_shift.png``), from the metrics."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 3.2))
     ax = fig.subplots()
-    crits = list(m["probe"])
+    sp = m["self_probe"]
+    crits = list(sp)
     xs = range(len(crits))
-    ax.bar([x - 0.2 for x in xs], [m["probe"][c]["base"] for c in crits], width=0.4, label="base")
-    ax.bar([x + 0.2 for x in xs], [m["probe"][c]["trained"] for c in crits], width=0.4, label="trained")
+    ax.bar([x - 0.2 for x in xs], [sp[c]["base"] for c in crits], width=0.4, label="base")
+    ax.bar([x + 0.2 for x in xs], [sp[c]["trained"] for c in crits], width=0.4, label="trained")
     ax.set_xticks(list(xs), crits)
-    ax.set_ylabel("mean standardised projection")
+    ax.set_ylabel("projection / spread (self-probe)")
+    ax.set_title("self-probe: reads the directions that made the data", fontsize=9)
     ax.axhline(0, color="0.5", lw=0.8)
     ax.legend()
     fig.tight_layout()
@@ -100,19 +177,34 @@ def probe_shift_figure(m: Mapping[str, Any]) -> matplotlib.figure.Figure:
 
 
 def calibration_table(cal: Mapping[str, Any]) -> str:
-    """Markdown: mean score etc. per gamma, then the win-share matrix (rows gamma+, columns gamma-).
+    """Markdown: mean score etc. per gamma, the win-share matrix (rows gamma+, columns gamma-), the bootstrap.
 
     Args:
         cal: ``gamma_pos``, ``gamma_neg``, ``per_gamma``, ``pairs`` and ``settings`` (with ``scorer``
             and ``win_threshold``): `icon2_lens.CalibrationResult.to_dict`, i.e. ``calibration.json``.
+            Optional parts are shown when present: per gamma ``push_share`` / ``push_gap`` (the summed
+            push at the last steering layer), ``bootstrap`` (how often each pair is chosen over
+            resamples), and in ``settings`` the sample (``sample``), ``n_boot``, and the scorer's
+            held-out accuracy (``scorer_accuracy``).
     """
     gamma_pos, gamma_neg, per_gamma, pairs = cal["gamma_pos"], cal["gamma_neg"], cal["per_gamma"], cal["pairs"]
-    lines = ["| gamma | side | mean score | degenerate | distinct-2 |", "|---|---|---|---|---|"]
+    settings = cal["settings"]
+    push = all("push_share" in r for r in per_gamma)
+    head = "| gamma | side | mean score | degenerate | distinct-2 |"
+    lines = [head + (" push / resid norm | push / contrast gap |" if push else ""),
+             "|---" * (7 if push else 5) + "|"]
     for r in per_gamma:
         mark = " *" if r["gamma"] in (gamma_pos, gamma_neg) else ""
         side = "+" if r["gamma"] > 0 else "-" if r["gamma"] < 0 else "0"
-        lines.append(f"| {r['gamma']:g}{mark} | {side} | {r['mean_score']:.3f} | {r['degenerate_share']:.2f} | "
-                     f"{r['distinct2']:.2f} |")
+        row = (f"| {r['gamma']:g}{mark} | {side} | {r['mean_score']:.3f} | {r['degenerate_share']:.2f} | "
+               f"{r['distinct2']:.2f} |")
+        if push:
+            row += f" {r['push_share']:.2f} | {r['push_gap']:.2f} |"
+        lines.append(row)
+    if push:
+        lines += ["", "push: the norm of the vectors added at all steering layers, summed, at the last steering layer, "
+                  "as a share of that layer's mean residual norm and as a multiple of the criterion's P+/P- "
+                  "projection gap there (mean over the sample's rows)."]
     gn = sorted({p["gamma_neg"] for p in pairs}, reverse=True)
     gp = sorted({p["gamma_pos"] for p in pairs})
     win = {(p["gamma_pos"], p["gamma_neg"]): p["win_share"] for p in pairs}
@@ -121,9 +213,41 @@ def calibration_table(cal: Mapping[str, Any]) -> str:
     for p in gp:
         cells = [f"**{win[(p, n)]:.2f}**" if (p, n) == (gamma_pos, gamma_neg) else f"{win[(p, n)]:.2f}" for n in gn]
         lines.append(f"| {p:g} | " + " | ".join(cells) + " |")
+    boot = cal.get("bootstrap") or []
+    if boot:
+        n_boot = settings.get("n_boot", "")
+        lines += ["", f"how often the rule picks each pair over {n_boot} resamples of the {settings.get('n', '')} "
+                  "instructions (bootstrap):", "", "| gamma+ | gamma- | share |", "|---|---|---|"]
+        for b in boot:
+            chosen = (b["gamma_pos"], b["gamma_neg"]) == (gamma_pos, gamma_neg)
+            cell = f"**{b['share']:.2f}**" if chosen else f"{b['share']:.2f}"
+            lines.append(f"| {b['gamma_pos']:g} | {b['gamma_neg']:g} | {cell} |")
+    sample = settings.get("sample")
+    if sample:
+        lines += ["", f"sample: {settings.get('n', len(sample.get('hashes', [])))} instructions drawn at random (seed "
+                  f"{sample.get('seed')}) from the {sample.get('pool')} rows of {sample.get('source')}, "
+                  f"{sample.get('excluded')} training rows left out."]
+    scorer_line = _scorer_line(settings)
+    if scorer_line:
+        lines += ["", scorer_line]
     lines.append(f"\nchosen: gamma+ = {gamma_pos:g}, gamma- = {gamma_neg:g} "
-                 f"(scorer {cal['settings']['scorer']}, win threshold {cal['settings']['win_threshold']})")
+                 f"(scorer {settings['scorer']}, win threshold {settings['win_threshold']})")
     return "\n".join(lines)
+
+
+def _scorer_line(settings: Mapping[str, Any]) -> str:
+    """What the scorer is: its held-out accuracy (reward probe), or the self-probe label."""
+    if settings.get("scorer") == "self-probe":
+        return ("scorer: *self-probe* (the model's reading along the steering directions themselves): circular, a "
+                "manipulation check, not evidence of quality.")
+    acc = settings.get("scorer_accuracy")
+    if not acc:
+        return ""
+    per = ", ".join(f"{c} {v['accuracy']:.2f} (n={v['n']})" for c, v in acc.get("per_criterion", {}).items())
+    level = acc.get("level", 0.9)
+    return (f"scorer: {settings['scorer']}, preference accuracy on held-out human-written pairs "
+            f"({acc.get('set', 'given')}): {acc['accuracy']:.2f} (n={acc['n']}, {level:.0%} interval "
+            f"{acc['ci_low']:.2f}-{acc['ci_high']:.2f})" + (f"; {per}" if per else "") + " (0.5 = chance).")
 
 
 def calibration_figure(cal: Mapping[str, Any]) -> matplotlib.figure.Figure:
@@ -366,7 +490,7 @@ def run_report(*, out: str, model: str, seed: int, order: Sequence[str], ran: Se
     if evaluation_md:
         head, body = evaluation_md.split("\n", 1)
         lines += [head.replace("# ", "## "), body.replace("## ", "### "),
-                  "![probe shift](evaluate/probe_shift.png)", ""]
+                  "![preference margins](evaluate/preference.png)", ""]
     return "\n".join(lines)
 
 

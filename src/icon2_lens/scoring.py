@@ -75,6 +75,10 @@ class ScoreConfig:
         top_k: keep the best ``k``.
         threshold: keep ``consistency >= threshold``.
         balance_criteria: apply the rule within each assigned criterion.
+        min_separation: the validity gate: a criterion whose held-out response-pair separation (the layer
+            report's measure (c), `icon2_lens.DirectionSet.response_separation`) over the steering layers is
+            below this is not assigned (its rows go to their best valid criterion), with a warning.
+        allow_invalid: assign criteria that fail the validity gate anyway.
     """
 
     layers: Literal["all", "suggested"] | list[int] = "all"
@@ -85,8 +89,12 @@ class ScoreConfig:
     top_k: int | None = None
     threshold: float | None = None
     balance_criteria: bool = False
+    min_separation: float = 0.6
+    allow_invalid: bool = False
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.min_separation <= 1.0:
+            raise ValueError(f"min_separation is a share of pairs, in [0, 1]; got {self.min_separation}.")
         rules = [k for k in ("top_fraction", "top_k", "threshold") if getattr(self, k) is not None]
         if len(rules) > 1:
             raise ValueError(f"set only one of top_fraction, top_k, threshold (got {', '.join(rules)}); "
@@ -129,6 +137,8 @@ def score_instructions(
     render: Render = ScoreConfig.render,
     system_prompt: str | None = None,
     batch_size: int = ScoreConfig.batch_size,
+    min_separation: float = ScoreConfig.min_separation,
+    allow_invalid: bool = ScoreConfig.allow_invalid,
     progress: bool = True,
     shard: tuple[int, int] | None = None,
 ) -> datasets.Dataset:
@@ -149,6 +159,9 @@ def score_instructions(
         system_prompt: replace the template's default system message (``render="chat"`` only).
         batch_size: prompts per forward pass. Memory is one chunk of ``32 * batch_size`` prompts plus
             ``n x criterion`` scores: flat in the number of instructions.
+        min_separation: the validity gate (`valid_criteria`): criteria whose response-pair separation over
+            the steering layers is below it are not assigned; their ``score_`` columns are still written.
+        allow_invalid: assign every criterion, valid or not.
         progress: show a progress bar.
         shard: ``(i, n)``: score only the batches ``b`` with ``b % n == i`` of the batches the
             unsharded run forms (the same rows in each, so the same padding and bit-identical scores),
@@ -207,14 +220,18 @@ def score_instructions(
                 bar.update(len(rows))
     keep = sorted(done)
     scores = scores[keep]
-    best, idx = assign_criteria(scores)
+    valid = valid_criteria(directions, min_separation=min_separation, allow_invalid=allow_invalid)
+    masked = scores.clone()
+    masked[:, [i for i, c in enumerate(directions.criteria) if c not in valid]] = float("-inf")
+    best, idx = assign_criteria(masked)
     table: dict[str, list[Any]] = {"instruction": [instr[i] for i in keep]}
     for ci, name in enumerate(directions.criteria):
         table[f"score_{name}"] = scores[:, ci].tolist()
     table["consistency"] = best.tolist()
     table["criterion"] = [directions.criteria[i] for i in idx.tolist()]
     provenance = {"probe_layers": layer_ids, "standardize": standardize, "render": render,
-                  "system_prompt": system_prompt, "hook": directions.hook, "model": model.info.model_id}
+                  "system_prompt": system_prompt, "hook": directions.hook, "model": model.info.model_id,
+                  "assigned_criteria": valid}
     if shard is not None:
         table["index"] = keep
         digest = hashlib.sha256(json.dumps(instr).encode()).hexdigest()
@@ -227,7 +244,53 @@ def score_instructions(
 #: Provenance columns a sharded `score_instructions` adds (dropped again by the merge).
 SHARD_COLUMNS = ("index", "shard", "shard_total", "shard_batch_size", "instructions_sha256")
 #: The scoring settings, as columns of every row of a score table.
-PROVENANCE_COLUMNS = ("probe_layers", "standardize", "render", "system_prompt", "hook", "model")
+PROVENANCE_COLUMNS = ("probe_layers", "standardize", "render", "system_prompt", "hook", "model", "assigned_criteria")
+
+
+def valid_criteria(directions: DirectionSet, *, min_separation: float = ScoreConfig.min_separation,
+                   allow_invalid: bool = ScoreConfig.allow_invalid, warn: bool = True) -> list[str]:
+    """The criteria that pass the validity gate: held-out response-pair separation (the layer report's (c),
+    `icon2_lens.DirectionSet.response_separation`) over the steering layers at least ``min_separation``.
+
+    A direction below it does not order good answers above bad ones on human-written pairs (0.5 is chance;
+    on SmolLM2 *harmless* reads backwards), so steering along it makes pairs that point the wrong way. A
+    criterion without response pairs passes (nothing to check it on). Without a layer report nothing can be
+    checked: every criterion passes, with a warning. With ``allow_invalid`` every criterion passes and the
+    warning says which would have failed.
+
+    Examples:
+        >>> valid_criteria(dirs)  # doctest: +SKIP
+        ['general', 'helpful', 'honest']
+    """
+    import warnings
+
+    sep = directions.response_separation()
+    if not sep:
+        if warn:
+            warnings.warn("These directions have no layer report, so the validity gate (response-pair separation "
+                          f">= {min_separation}) cannot be checked; every criterion is assigned. Run `icon2-lens "
+                          "layers` first.", stacklevel=3)
+        return list(directions.criteria)
+    bad = {c: v for c, v in sep.items() if v is not None and v < min_separation and c in directions.criteria}
+    if bad and warn:
+        which = ", ".join(f"{c} ({v:.2f})" for c, v in bad.items())
+        if allow_invalid:
+            warnings.warn(f"Criteria below the validity gate are assigned anyway (allow_invalid): {which}; their "
+                          f"directions order fewer than {min_separation:.0%} of held-out good/bad response pairs "
+                          "the right way at the steering layers.", stacklevel=3)
+        else:
+            warnings.warn(f"Not assigning {which}: at the steering layers their directions order fewer than "
+                          f"{min_separation:.0%} of held-out good/bad response pairs the right way (0.5 is chance), "
+                          "so steering along them would make pairs that point the wrong way; their rows go to their "
+                          "best valid criterion. Pass allow_invalid=True (CLI: --allow-invalid) to use them.",
+                          stacklevel=3)
+    if allow_invalid:
+        return list(directions.criteria)
+    keep = [c for c in directions.criteria if c not in bad]
+    if not keep:
+        raise ValueError(f"No criterion passes the validity gate (response-pair separation >= {min_separation}): "
+                         f"{sep}. Check the layer report, choose other layers, or pass allow_invalid=True.")
+    return keep
 
 
 def table_settings(table: Any) -> dict[str, Any]:

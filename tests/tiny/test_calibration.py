@@ -25,6 +25,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 QUESTIONS = ["Name three rivers in Africa.", "Write a limerick about a cat.", "How many legs does a spider have?",
              "Suggest a name for a bakery."]
 TABLE = [{"instruction": q, "criterion": c} for q, c in zip(QUESTIONS, ["helpful", "honest", "helpful", "honest"])]
+#: Three rows: with n=3 the sample is the whole table, in table order; exclude=() says no row is a training row.
+TABLE3 = TABLE[:3]
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +141,9 @@ def result_a(tiny_model, dirs, monkeypatch):
     calls, scorer = _script(monkeypatch, SCENARIO_A, DEGENERATE_A)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = calibrate_gamma(tiny_model, dirs, TABLE, n=3, gammas_pos=[0.2, 0.05, 0.1], gammas_neg=[-0.05, -0.2, -0.1],
-                              scorer=scorer, batch_size=4, max_new_tokens=4, progress=False)
+        res = calibrate_gamma(tiny_model, dirs, TABLE3, exclude=(), n=3, gammas_pos=[0.2, 0.05, 0.1],
+                              gammas_neg=[-0.05, -0.2, -0.1], scorer=scorer, batch_size=4, max_new_tokens=4,
+                              progress=False)
     return res, calls, scorer, [str(w.message) for w in caught]
 
 
@@ -205,13 +208,13 @@ def test_rule_gamma_neg_is_the_best_mean_among_passing_and_ties_are_gentle(tiny_
               progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning at all
-        res = calibrate_gamma(tiny_model, dirs, TABLE, **kw)
+        res = calibrate_gamma(tiny_model, dirs, TABLE3, exclude=(), **kw)
     # gamma+ ties at 10: the gentler one; gamma-: -0.05 has the best mean but wins only 2/3;
     # of the passing -0.1 (mean 1) and -0.2 (mean 3) the best mean wins, not the gentlest
     assert (res.gamma_pos, res.gamma_neg) == (0.1, -0.2)
-    res = calibrate_gamma(tiny_model, dirs, TABLE, win_threshold=0.5, **kw)
+    res = calibrate_gamma(tiny_model, dirs, TABLE3, exclude=(), win_threshold=0.5, **kw)
     assert res.gamma_neg == -0.05  # 2/3 > 0.5: now it passes
-    res = calibrate_gamma(tiny_model, dirs, TABLE, win_threshold=0.0, **kw)
+    res = calibrate_gamma(tiny_model, dirs, TABLE3, exclude=(), win_threshold=0.0, **kw)
     assert res.gamma_neg == -0.05
 
 
@@ -220,14 +223,14 @@ def test_rule_falls_back_to_the_best_win_share_with_a_warning(tiny_model, dirs, 
     _, scorer = _script(monkeypatch, raw)
     want = r"No gamma- reaches a win share above 0.9 with gamma\+ = 0.1 \(best: 0.67 at gamma- = -0.1\)"
     with pytest.warns(UserWarning, match=want):
-        res = calibrate_gamma(tiny_model, dirs, TABLE, n=3, gammas_pos=[0.1], gammas_neg=[-0.1, -0.05], scorer=scorer,
-                              max_new_tokens=4, progress=False)
+        res = calibrate_gamma(tiny_model, dirs, TABLE3, exclude=(), n=3, gammas_pos=[0.1], gammas_neg=[-0.1, -0.05],
+                              scorer=scorer, max_new_tokens=4, progress=False)
     assert (res.gamma_pos, res.gamma_neg) == (0.1, -0.1)
     # all lose: the gentler gamma- among equal win shares
     _, scorer = _script(monkeypatch, {0.1: [5.0] * 3, -0.05: [6.0] * 3, -0.1: [7.0] * 3})
     with pytest.warns(UserWarning, match="No gamma- reaches"):
-        res = calibrate_gamma(tiny_model, dirs, TABLE, n=3, gammas_pos=[0.1], gammas_neg=[-0.1, -0.05], scorer=scorer,
-                              max_new_tokens=4, progress=False)
+        res = calibrate_gamma(tiny_model, dirs, TABLE3, exclude=(), n=3, gammas_pos=[0.1], gammas_neg=[-0.1, -0.05],
+                              scorer=scorer, max_new_tokens=4, progress=False)
     assert res.gamma_neg == -0.05
 
 
@@ -245,7 +248,7 @@ def test_pairwise_scorer_rule_with_a_scripted_judge(tiny_model, dirs, monkeypatc
             sa, sb = table(instructions, a, ["x"] * len(a)), table(instructions, b, ["x"] * len(b))
             return [1.0 if x > y else 0.0 if x < y else 0.5 for x, y in zip(sa, sb)]
 
-    res = calibrate_gamma(tiny_model, dirs, TABLE, n=3, gammas_pos=[0.1], gammas_neg=[-0.1], scorer=Judge(),
+    res = calibrate_gamma(tiny_model, dirs, TABLE3, exclude=(), n=3, gammas_pos=[0.1], gammas_neg=[-0.1], scorer=Judge(),
                           max_new_tokens=4, progress=False, win_threshold=0.5)
     assert [g for c in calls for g in c["gammas"]] == [-0.1] * 3 + [0.0] * 3 + [0.1] * 3
     per = {r["gamma"]: r["mean_score"] for r in res.per_gamma}
@@ -273,7 +276,7 @@ def test_calibrate_bad_input(tiny_model, dirs, monkeypatch, kw, match):
     opts = dict(n=3, gammas_pos=[0.1], gammas_neg=[-0.1], scorer=scorer, max_new_tokens=4, progress=False)
     opts.update(kw)
     with pytest.raises(ValueError, match=match):
-        calibrate_gamma(tiny_model, dirs, TABLE, **opts)
+        calibrate_gamma(tiny_model, dirs, TABLE, exclude=(), **opts)
     assert calls == []
 
 
@@ -359,7 +362,7 @@ def test_calibrate_on_the_tiny_model(tiny_model, dirs, monkeypatch):
     gp, gn = [0.5, 1.0], [-1.0, -0.5]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = calibrate_gamma(tiny_model, dirs, TABLE, n=3, gammas_pos=gp, gammas_neg=gn, scorer=DistinctWords(),
+        res = calibrate_gamma(tiny_model, dirs, TABLE3, exclude=(), n=3, gammas_pos=gp, gammas_neg=gn, scorer=DistinctWords(),
                               max_new_tokens=4, batch_size=5, progress=False)
     assert [len(c["prompts"]) for c in calls] == [5, 5, 2]
     assert all(c["seed"] == 0 and c["repetition_penalty"] == 1.1 and c["layers"] == LAYERS for c in calls)
@@ -372,9 +375,9 @@ def test_calibrate_on_the_tiny_model(tiny_model, dirs, monkeypatch):
     tok = tiny_model.tokenizer
     for j, (g, i) in enumerate((g, i) for g in grid for i in range(3)):
         e = ex[(g, QUESTIONS[i])]
-        assert e["response"] == texts[j] and e["criterion"] == TABLE[i]["criterion"]
+        assert e["response"] == texts[j] and e["criterion"] == TABLE3[i]["criterion"]
         alone = generate_steered(tiny_model, [render_chat(tok, QUESTIONS[i])], directions=dirs,
-                                 criteria=TABLE[i]["criterion"], gammas=g, layers=LAYERS, max_new_tokens=4,
+                                 criteria=TABLE3[i]["criterion"], gammas=g, layers=LAYERS, max_new_tokens=4,
                                  repetition_penalty=1.1)[0]["text"]
         assert alone == e["response"]
         assert e["score"] == pytest.approx(DistinctWords()([""], [e["response"]], [""])[0])
@@ -423,7 +426,7 @@ def test_pairwise_judge_on_the_tiny_model(tiny_model):
 @pytest.mark.filterwarnings("ignore:No gamma- reaches")
 def test_calibrate_with_the_pairwise_judge(tiny_model, dirs):
     judge = PairwiseJudge(tiny_model)
-    res = calibrate_gamma(tiny_model, dirs, TABLE, n=3, gammas_pos=[1.0], gammas_neg=[-1.0], scorer=judge,
+    res = calibrate_gamma(tiny_model, dirs, TABLE3, exclude=(), n=3, gammas_pos=[1.0], gammas_neg=[-1.0], scorer=judge,
                           max_new_tokens=4, progress=False, win_threshold=0.0)
     assert [r["gamma"] for r in res.per_gamma] == [-1.0, 0.0, 1.0]
     assert res.settings["scorer"] == "pairwise_judge"
@@ -622,9 +625,9 @@ def test_cli_calibrate_then_generate(tiny_model, tiny_model_dir, dirs_dir, score
     data = json.loads((cal / "calibration.json").read_text())
     assert [r["gamma"] for r in data["per_gamma"]] == [-0.05, 0.05, 0.1]
     assert data["settings"]["n"] == 2 and data["settings"]["layers"] == [0, 1, 2, 3]
-    assert data["settings"]["scorer"] == "probe"
+    assert data["settings"]["scorer"] == "reward_probe"  # the default: not the steering directions
     assert data["gamma_pos"] in (0.05, 0.1) and data["gamma_neg"] == -0.05
-    # the CLI equals the library call (default scorer: the probe at the steering layers)
+    # the CLI equals the library call (default scorer: the reward probe at the steering layers)
     ref = calibrate_gamma(tiny_model, il.DirectionSet.load(dirs_dir), [json.loads(x) for x in
                           scored.read_text().splitlines()], n=2, gammas_pos=[0.05, 0.1], gammas_neg=[-0.05],
                           layers=[0, 1, 2, 3], max_new_tokens=4, progress=False)

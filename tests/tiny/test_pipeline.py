@@ -23,10 +23,11 @@ def _config(model_dir, instructions_file, **over) -> dict:
         "extract": {"n_instructions": 6, "batch_size": 16},
         "layers": {"n_heldout": 4, "n_paraphrase_instructions": 1, "batch_size": 16},
         "synthesize": {"source": str(instructions_file)},
-        "score": {"top_k": 4},
+        "score": {"top_k": 4, "allow_invalid": True},  # a random tiny model has no valid criterion
         "generate": {"max_new_tokens": 6, "batch_size": 2},
-        "train": {"max_steps": 1},
-        "evaluate": {"n": 2, "max_new_tokens": 6, "batch_size": 2},
+        "train": {"max_steps": 1, "finished_only": False},  # 6-token answers never finish
+        "controls": {"kinds": ["swapped"]},
+        "evaluate": {"n": 2, "max_new_tokens": 6, "batch_size": 2, "n_preference": 2, "n_boot": 50},
     }
     for section, values in over.items():
         cfg[section] = {**cfg.get(section, {}), **values}
@@ -63,8 +64,13 @@ def test_full_run_writes_every_stage_with_costs_and_a_report(finished_run):
     assert sorted(p["index"] for p in pairs) == [0, 1, 2, 3]
     report = res.report.read_text()
     assert "| **total** |" in report and "per kept pair (4)" in report
-    assert "Probe shift" in report and "| win | tie | loss |" in report
-    assert set(res.metrics["probe"]) == {"general", "helpful", "honest", "harmless"}
+    assert "Judge-free preference margins" in report and "Self-probe shift" in report
+    assert "| win | tie | loss |" in report and "swapped" in report
+    assert set(res.metrics["self_probe"]) == {"general", "helpful", "honest", "harmless"}
+    pref = res.metrics["preference"]
+    assert set(pref["models"]) == {"base", "trained", "swapped"} and pref["set"]["n"] == 6  # 2 per criterion
+    assert set(pref["contrasts"]["controls"]) == {"swapped"}
+    assert (out / "controls" / "swapped" / "model" / "config.json").is_file()
     assert yaml.safe_load((out / "config.yaml").read_text())["generate"]["max_new_tokens"] == 6
 
 
@@ -89,7 +95,7 @@ def test_changed_setting_reruns_exactly_the_downstream_stages(finished_run, talk
         run_pipeline(changed, out=out, progress=False, log=None)
     assert yaml.safe_load((out / "config.yaml").read_text())["generate"]["gamma_pos"] == 0.07  # untouched
     res = run_pipeline(changed, out=out, update=True, progress=False, log=None)
-    assert res.ran == ["generate", "train", "evaluate"]
+    assert res.ran == ["generate", "train", "controls", "evaluate"]
     assert res.skipped == ["extract", "layers", "synthesize", "score"]
     pairs = [json.loads(x) for x in (out / "generate" / "pairs.jsonl").read_text().splitlines()]
     assert {p["gamma_pos"] for p in pairs} == {0.2}
@@ -101,7 +107,7 @@ def test_a_deleted_stage_folder_reruns_it_and_its_downstream(finished_run, tmp_p
     shutil.copytree(src, out)
     shutil.rmtree(out / "score")
     res = run_pipeline(None, out=out, progress=False, log=None)
-    assert res.ran == ["score", "generate", "train", "evaluate"]
+    assert res.ran == ["score", "generate", "train", "controls", "evaluate"]
     assert res.skipped == ["extract", "layers", "synthesize"]
 
 
@@ -116,14 +122,16 @@ def test_a_stage_killed_after_writing_its_outputs_resumes(finished_run, tmp_path
     messages = []
     res = run_pipeline(None, out=out, progress=False, log=messages.append)
     assert any("extract: resuming" in m for m in messages)
-    assert res.ran == ["extract", "layers", "score", "generate", "train", "evaluate"] and res.skipped == ["synthesize"]
+    assert res.ran == ["extract", "layers", "score", "generate", "train", "controls", "evaluate"]
+    assert res.skipped == ["synthesize"]
 
 
 def test_stage_keys_follow_the_dependencies():
     base = stage_keys(RunConfig())
     for section, value, expected in [
-        ("extract", {"n_instructions": 32}, {"extract", "layers", "score", "generate", "train", "evaluate"}),
-        ("synthesize", {"n": 8}, {"synthesize", "score", "generate", "train", "evaluate"}),
+        ("extract", {"n_instructions": 32}, {"extract", "layers", "score", "generate", "train", "controls",
+                                             "evaluate"}),
+        ("synthesize", {"n": 8}, {"synthesize", "score", "generate", "train", "controls", "evaluate"}),
         ("evaluate", {"n": 4}, {"evaluate"}),
     ]:
         keys = stage_keys(RunConfig.model_validate({section: value}))
@@ -170,7 +178,7 @@ def test_interrupted_generation_resumes_without_losing_or_duplicating_rows(talke
     ({"extract": {"n_instrucions": 8}}, "unknown key 'extract.n_instrucions'"),
     ({"modle": "x"}, "unknown key 'modle'"),
     ({"synthesize": {"n": "many"}}, "synthesize.n: Input should be a valid integer"),
-    ({"generate": {"scale": "huge"}}, "generate.scale: Input should be 'relative' or 'unit'"),
+    ({"generate": {"scale": "huge"}}, "generate.scale: Input should be 'relative', 'unit' or 'contrast'"),
     ({"train": {"lora": "yes"}}, "train.lora: Input should be a valid boolean"),
     ({"score": {"top_k": 4, "threshold": 0.5}}, "set only one of top_fraction, top_k, threshold"),
     ({"extract": 5}, "extract: Input should be a valid dictionary"),

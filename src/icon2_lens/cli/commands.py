@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..controls import ControlsConfig
 from ..directions import ExtractConfig
 from ..evaluation import EvaluateConfig
 from ..layers import LayersConfig
@@ -63,14 +64,18 @@ COMMANDS: dict[str, Command] = {
     "train": Command(stage_commands.train_args, stage_commands.train_command, config=TrainConfig,
                      make_config=stage_commands.train_config,
                      help="DPO or SimPO on preference pairs with TRL; saves a model folder load_model opens"),
+    "controls": Command(stage_commands.controls_args, stage_commands.controls_command, config=ControlsConfig,
+                        help="train control models beside real pairs: swapped pairs, random-direction pairs"),
     "evaluate": Command(stage_commands.evaluate_args, stage_commands.evaluate_command, config=EvaluateConfig,
-                        help="base vs trained model on held-out instructions (probe shift, judge, degeneration)"),
+                        help="base vs trained (and controls) on held-out preference pairs, judge-free; answers, "
+                             "judge and self-probe on held-out instructions"),
     "run": Command(run_commands.run_args, run_commands.run_command, uses_model=False,
-                   help="the whole method, resumable: extract, layers, synthesize, score, generate, train, evaluate "
+                   help="the whole method, resumable: extract, layers, synthesize, score, generate, train, controls, "
+                        "evaluate "
                         "(default: the demo size on the embedded model)"),
     "merge": Command(run_commands.merge_args, run_commands.merge_command, config=ScoreConfig, uses_model=False,
                      exclusive=_RULES,
-                     skip=("layers", "standardize", "render", "batch_size"),
+                     skip=("layers", "standardize", "render", "batch_size", "min_separation", "allow_invalid"),
                      help="merge the shard folders of a sharded synthesize/score/generate run (--shard i/n)"),
     "serve": Command(run_commands.serve_args, run_commands.serve_command,
                      help="an OpenAI-compatible chat-completions server for the model (GET /v1/models, POST "

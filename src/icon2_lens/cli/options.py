@@ -79,9 +79,24 @@ def _options(hint: Any) -> tuple[Any, list[Any] | None, bool]:
         if len(members) == 1:
             return _options(members[0])
         return str, None, False
+    if origin is list and args and typing.get_origin(args[0]) is Literal:
+        return _comma_list(list(typing.get_args(args[0]))), None, False
     if hint in (int, float, str):
         return hint, None, False
     return str, None, False
+
+
+def _comma_list(choices: list[Any]) -> Any:
+    """An argparse type: a comma-separated list of ``choices`` (empty text: an empty list)."""
+    def parse(text: str) -> list[str]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in items if x not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(bad)}; give a comma-separated list of "
+                                             f"{', '.join(map(str, choices))} (or '' for none)")
+        return items
+    parse.__name__ = "comma-separated list"
+    return parse
 
 
 def add_config_options(parser: argparse.ArgumentParser, cls: type, *, skip: Sequence[str] = (),
@@ -106,7 +121,8 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, *, skip: Sequ
         if f.name in skip:
             continue
         typ, choices, is_bool = _options(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else None
+        default = f.default if f.default is not dataclasses.MISSING else (
+            ",".join(map(str, f.default_factory())) if f.default_factory is not dataclasses.MISSING else None)
         text = f"{helps.get(f.name, '')} (default: {default})".strip().replace("%", "%%")
         target = group_of.get(f.name, parser)
         flag = "--" + f.name.replace("_", "-")

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
-from ..calibration import DEFAULT_GAMMAS_NEG, DEFAULT_GAMMAS_POS, calibrate_gamma
+from ..calibration import DEFAULT_GAMMAS_NEG, DEFAULT_GAMMAS_POS, DEFAULT_N_BOOT, calibrate_gamma, calibration_sample
 from ..directions import DirectionSet
+from ..instructions import load_instructions
 from ..judges import PairwiseJudge, RewardModelScorer
-from ..pairs import PairsConfig, table_rows
+from ..pairs import PairsConfig
 from ..pipeline import merge_shards, run_pipeline
 from ..pipeline.config import RunConfig
 from ..runs import names
@@ -34,14 +36,26 @@ __all__ = ["calibrate_args", "calibrate_command", "run_args", "run_command", "me
 def calibrate_args(p: argparse.ArgumentParser) -> None:
     """The inputs and outputs of ``icon2-lens calibrate``."""
     steering_io_args(p)
-    p.add_argument("--n", type=int, default=32, help="instructions in the sweep (the first N of the table)")
+    p.add_argument("--n", type=int, default=32,
+                   help="instructions in the sweep: a seeded random sample of the table's rows that are not training "
+                        "rows (a score folder's scores.jsonl without its selected.jsonl rows, or --exclude)")
     p.add_argument("--gammas-pos", default=",".join(map(str, DEFAULT_GAMMAS_POS)),
                    help="comma-separated grid of gamma+")
     p.add_argument("--gammas-neg", default=",".join(map(str, DEFAULT_GAMMAS_NEG)),
                    help="comma-separated grid of gamma-")
-    p.add_argument("--scorer", default="probe",
-                   help="'probe' (default: the model's own reading along the direction), 'judge' (the model as a "
-                        "pairwise judge, both orders), or a local HF reward-model folder")
+    p.add_argument("--scorer", choices=("reward-probe", "self-probe", "judge"), default="reward-probe",
+                   help="'reward-probe' (default: a linear probe fitted on human-written better/worse answers, its "
+                        "held-out preference accuracy reported), 'self-probe' (the model's reading along the steering "
+                        "directions themselves: circular, labelled), 'judge' (the model as a pairwise judge, both "
+                        "orders)")
+    p.add_argument("--reward-model", default=None, metavar="PATH",
+                   help="a local HF sequence-classification reward model: score with it instead of --scorer")
+    p.add_argument("--exclude", default=None, metavar="FILE",
+                   help="instructions never drawn (TXT, or JSONL with an 'instruction' field, e.g. a generate "
+                        "folder's pairs.jsonl); default: a score folder's selected.jsonl")
+    p.add_argument("--n-boot", type=int, default=DEFAULT_N_BOOT,
+                   help=f"resamples of the instructions for the stability of the choice (default {DEFAULT_N_BOOT})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample, the generation and the bootstrap")
     p.add_argument("--win-threshold", type=float, default=0.9)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
@@ -56,18 +70,22 @@ def calibrate_command(args: argparse.Namespace, cfg: PairsConfig) -> list[Path]:
         gn = [float(x) for x in args.gammas_neg.split(",") if x.strip()]
     except ValueError:
         raise ValueError("--gammas-pos/--gammas-neg must be comma-separated numbers, e.g. 0.05,0.1") from None
-    table = table_rows(args.instructions, cfg.criterion, dirs)
+    exclude = load_instructions(args.exclude) if args.exclude is not None else None
+    with warnings.catch_warnings():  # fail early on a bad table, before loading the model; warnings come later
+        warnings.simplefilter("ignore")
+        calibration_sample(args.instructions, args.n, dirs, exclude=exclude, criterion=cfg.criterion, seed=args.seed)
     model = load(args)
-    scorer: Any = None
-    if args.scorer == "judge":
+    scorer: Any = args.scorer
+    if args.reward_model is not None:
+        scorer = RewardModelScorer(args.reward_model, device=args.device, local_files_only=not args.allow_download)
+    elif args.scorer == "judge":
         scorer = PairwiseJudge(model)
-    elif args.scorer != "probe":
-        scorer = RewardModelScorer(args.scorer, device=args.device, local_files_only=not args.allow_download)
     result = calibrate_gamma(
-        model, dirs, table, n=args.n, gammas_pos=gp, gammas_neg=gn, scorer=scorer, win_threshold=args.win_threshold,
-        layers=layers, scale=cfg.scale, positions=cfg.positions, criterion=cfg.criterion,
-        max_new_tokens=cfg.max_new_tokens, repetition_penalty=cfg.repetition_penalty,
-        batch_size=args.batch_size, progress=not args.no_progress)
+        model, dirs, args.instructions, n=args.n, gammas_pos=gp, gammas_neg=gn, scorer=scorer,
+        win_threshold=args.win_threshold, layers=layers, scale=cfg.scale, positions=cfg.positions,
+        criterion=cfg.criterion, max_new_tokens=cfg.max_new_tokens, repetition_penalty=cfg.repetition_penalty,
+        batch_size=args.batch_size, seed=args.seed, exclude=exclude, n_boot=args.n_boot,
+        progress=not args.no_progress)
     print(result.table())
     return list(result.save(args.out).values())
 

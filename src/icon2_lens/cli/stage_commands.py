@@ -9,11 +9,13 @@ A command returns the paths it wrote (printed by `icon2_lens.cli.main`). The reg
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 from ..calibration import load_gammas
+from ..controls import CONTROL_KINDS, ControlsConfig, make_controls
 from ..directions import DirectionSet, ExtractConfig, extract_directions
 from ..evaluation import EvaluateConfig, evaluate, pair_report
 from ..instructions import load_instructions
@@ -21,6 +23,7 @@ from ..judges import PairwiseJudge, ProbeScorer
 from ..layers import LayersConfig, layer_report, split_half_stability
 from ..models import LoadedModel, load_model
 from ..pairs import PairsConfig, generate_pairs, table_rows
+from ..preference import load_preference_set
 from ..runs import names
 from ..runs.io import atomic_write_text, check_output_folder
 from ..runs.shards import parse_shard, shard_device
@@ -33,7 +36,7 @@ __all__ = [
     "add_model_args", "load", "add_shard_arg", "shard_from_args", "resumable_out", "steering_io_args", "SELECTION",
     "extract_args", "extract_command", "layers_args", "layers_command", "synthesize_args", "synthesize_command",
     "score_args", "score_command", "generate_args", "generate_command", "train_args", "train_command", "train_config",
-    "evaluate_args", "evaluate_command",
+    "controls_args", "controls_command", "evaluate_args", "evaluate_command",
 ]
 
 
@@ -213,8 +216,8 @@ def score_command(args: argparse.Namespace, cfg: ScoreConfig) -> list[Path]:
     instructions = load_instructions(args.instructions)  # fail early on a bad file
     model = load(args)
     table = score_instructions(model, dirs, instructions, layers=cfg.layers, standardize=cfg.standardize,
-                               render=cfg.render, batch_size=cfg.batch_size, progress=not args.no_progress,
-                               shard=shard)
+                               render=cfg.render, batch_size=cfg.batch_size, min_separation=cfg.min_separation,
+                               allow_invalid=cfg.allow_invalid, progress=not args.no_progress, shard=shard)
     selection = {k: getattr(cfg, k) for k in SELECTION}
     written = save_scores(table, args.out, overwrite=args.overwrite, **(selection if shard is None else {}))
     if shard is not None:
@@ -299,6 +302,37 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**given)
 
 
+def controls_args(p: argparse.ArgumentParser) -> None:
+    """The inputs and outputs of ``icon2-lens controls``."""
+    p.add_argument("--pairs", required=True, type=Path,
+                   help="the real pairs: a `generate` output folder or pairs.jsonl")
+    p.add_argument("--directions", required=True, type=Path,
+                   help="the DirectionSet folder the pairs were steered with")
+    p.add_argument("--trained", default=None, type=Path,
+                   help="the model trained on the real pairs (its train_config.json gives the controls' training "
+                        "settings; default: TrainConfig's defaults)")
+    p.add_argument("--out", required=True, type=Path, help="output folder: <kind>/pairs.jsonl and <kind>/model")
+
+
+def controls_command(args: argparse.Namespace, cfg: ControlsConfig) -> list[Path]:
+    """Run ``icon2-lens controls``; return the trained control model folders."""
+    tcfg = TrainConfig()
+    if args.trained is not None:
+        path = args.trained / "train_config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; pass the folder `icon2-lens train` wrote, or leave "
+                                    "--trained out to train the controls with the default settings.")
+        saved = json.loads(path.read_text())
+        tcfg = TrainConfig(**{f.name: saved[f.name] for f in dataclasses.fields(TrainConfig) if f.name in saved})
+    dirs = DirectionSet.load(args.directions)
+    model = load(args)
+    paths = make_controls(model, dirs, args.pairs, cfg, train_config=tcfg, model_source=args.model, out=args.out,
+                          progress=not args.no_progress)
+    for kind, p in paths.items():
+        print(f"{kind}: {p}")
+    return list(paths.values())
+
+
 def evaluate_args(p: argparse.ArgumentParser) -> None:
     """The inputs and outputs of ``icon2-lens evaluate``."""
     p.add_argument("--trained", required=True, help="the trained model folder (from `train`)")
@@ -307,6 +341,8 @@ def evaluate_args(p: argparse.ArgumentParser) -> None:
                    help="held-out instructions: a built-in set (default 'heldout'), a .txt/.jsonl file or folder")
     p.add_argument("--n", type=int, default=None, help="use only the first N instructions")
     p.add_argument("--judge", default=None, help="judge model source (default: the base model)")
+    p.add_argument("--controls", default=None, type=Path,
+                   help="a `controls` output folder: its models are evaluated beside the trained one")
     p.add_argument("--out", required=True, type=Path,
                    help="output folder: report.md, metrics.json, PNG, AlpacaEval JSON")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -318,14 +354,24 @@ def evaluate_command(args: argparse.Namespace, cfg: EvaluateConfig) -> list[Path
 
     check_output_folder(args.out, overwrite=args.overwrite)
     dirs = DirectionSet.load(args.directions)
-    instructions = load_instructions(args.instructions, limit=args.n)
+    instructions = load_instructions(args.instructions, limit=args.n) if args.n != 0 else []
+    pref = load_preference_set(cfg.preference_set)  # fail early on a bad file
+    controls = {}
+    if args.controls is not None:
+        found = [k for k in CONTROL_KINDS if (args.controls / k / "model" / "config.json").is_file()]
+        if not found:
+            raise FileNotFoundError(f"{args.controls} holds no trained control (<kind>/model); run `icon2-lens "
+                                    "controls` first.")
+        controls = {k: load_model(args.controls / k / "model", device=args.device, dtype=getattr(torch, args.dtype))
+                    for k in found}
     base = load(args)
     trained = load_model(args.trained, device=args.device, dtype=getattr(torch, args.dtype))
     judge = PairwiseJudge(load_model(args.judge, device=args.device)) if args.judge else None
-    metrics = evaluate(base, trained, dirs, instructions, judge=judge, max_new_tokens=cfg.max_new_tokens,
-                       batch_size=cfg.batch_size, out=args.out, overwrite=args.overwrite,
-                       progress=not args.no_progress)
+    evaluate(base, trained, dirs, instructions, preference_set=pref, controls=controls, judge=judge,
+             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, n_boot=cfg.n_boot, level=cfg.level,
+             out=args.out, overwrite=args.overwrite, progress=not args.no_progress)
     print((args.out / names.EVAL_REPORT).read_text())
-    print(json.dumps(metrics["judge"]))
-    return [args.out / n for n in (names.EVAL_REPORT, names.METRICS, names.PROBE_SHIFT, "alpaca_eval_base.json",
-                                   "alpaca_eval_trained.json")]
+    written = [args.out / n for n in (names.EVAL_REPORT, names.METRICS, "preference.png")]
+    if instructions:
+        written += [args.out / n for n in (names.PROBE_SHIFT, "alpaca_eval_base.json", "alpaca_eval_trained.json")]
+    return written

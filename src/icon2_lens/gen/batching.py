@@ -133,12 +133,14 @@ class LogitScoring:
             raise ValueError(f"Got {len(prompts)} prompts and {len(continuations)} continuations; give one of each.")
         p_ids = encode(self.tokenizer, prompts)
         c_ids = encode(self.tokenizer, continuations)
-        out: list[Tensor] = []
-        for start in range(0, len(p_ids), batch_size):
-            stop = start + batch_size
-            chunk = [p + c for p, c in zip(p_ids[start:stop], c_ids[start:stop], strict=True)]
-            logits, input_ids = self._logits(chunk)
-            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0].cpu()
-            for j, c in enumerate(c_ids[start:start + batch_size]):
-                out.append(logp[j, logp.shape[1] - len(c):].clone())
-        return out
+        out: list[Tensor | None] = [None] * len(p_ids)
+        order = sorted(range(len(p_ids)), key=lambda i: len(p_ids[i]) + len(c_ids[i]))  # less padding per batch
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            logits, input_ids = self._logits([p_ids[i] + c_ids[i] for i in rows])
+            tail = max(len(c_ids[i]) for i in rows)  # only the continuation positions need a softmax
+            logp = torch.log_softmax(logits[:, -tail - 1:-1].float(), dim=-1)
+            logp = logp.gather(-1, input_ids[:, -tail:, None])[..., 0].cpu()
+            for j, i in enumerate(rows):
+                out[i] = logp[j, tail - len(c_ids[i]):].clone()
+        return [x for x in out if x is not None]

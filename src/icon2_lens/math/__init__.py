@@ -12,6 +12,7 @@ Modules:
         (`select_indices`, top fraction / top k / threshold, `balanced_quotas`).
     layerstats: `separation`, `steering_score`, `suggest_layer_range` (the layer report's numbers).
     gamma: the App. J rule for gamma+ / gamma- and win shares (`choose_gammas`).
+    bootstrap: `bootstrap_mean`, `paired_difference` (percentile-bootstrap intervals, `Interval`).
     text: `distinct_n`, `is_degenerate`, `degeneration_stats`, `parse_verdict`, `normalize_text`,
         character shingles and Jaccard similarity for near-duplicates.
 
@@ -23,6 +24,7 @@ Examples:
     [0, 0, 0]
 """
 
+from .bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT, Interval, bootstrap_mean, paired_difference
 from .contrast import (
     DIRECTION_METHODS,
     STAT_NAMES,
@@ -38,7 +40,14 @@ from .contrast import (
 )
 from .gamma import GammaChoice, check_win_threshold, choose_gammas, effective_scores, gamma_grid, win_shares
 from .layerstats import separation, steering_score, suggest_layer_range
-from .probe import assign_criteria, consistency_scores, probe_scores, project, project_criterion
+from .probe import (
+    assign_criteria,
+    consistency_scores,
+    orthogonalize_criteria,
+    probe_scores,
+    project,
+    project_criterion,
+)
 from .selection import (
     DEFAULT_TOP_FRACTION,
     balanced_quotas,
@@ -51,12 +60,14 @@ from .selection import (
 from .text import degeneration_stats, distinct_n, is_degenerate, jaccard, normalize_text, parse_verdict, shingles
 
 __all__ = [
+    # bootstrap
+    "DEFAULT_LEVEL", "DEFAULT_N_BOOT", "Interval", "bootstrap_mean", "paired_difference",
     # contrast
     "ContrastAccumulator", "DirectionMethod", "DIRECTION_METHODS", "Method", "STAT_NAMES", "cosine_per_layer",
     "directions_from_activations", "finish_directions", "get_direction_method", "register_direction_method",
     "split_halves",
     # probe
-    "assign_criteria", "consistency_scores", "probe_scores", "project", "project_criterion",
+    "assign_criteria", "consistency_scores", "orthogonalize_criteria", "probe_scores", "project", "project_criterion",
     # selection
     "DEFAULT_TOP_FRACTION", "balanced_quotas", "rank_best_first", "select_balanced", "select_indices",
     "select_threshold", "select_top",

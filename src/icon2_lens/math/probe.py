@@ -19,7 +19,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["project", "project_criterion", "consistency_scores", "probe_scores", "assign_criteria"]
+__all__ = ["project", "project_criterion", "consistency_scores", "probe_scores", "assign_criteria",
+           "orthogonalize_criteria"]
 
 
 def project(
@@ -101,3 +102,32 @@ def assign_criteria(scores: Float[Tensor, "batch criterion"]) -> tuple[Float[Ten
     """
     best, idx = scores.max(dim=-1)
     return best, idx
+
+
+def orthogonalize_criteria(
+    vectors: Float[Tensor, "criterion layer d_model"],
+) -> Float[Tensor, "criterion layer d_model"]:
+    """Each criterion's direction with the other criteria's directions (same layer) projected out, renormalised.
+
+    The criteria's directions are correlated (cosine 0.24-0.62 at a middle layer of SmolLM2), so a
+    shift along one shows up along the others; projecting the others out reads what is specific to each.
+    A direction inside the span of the others (nothing specific left) becomes zero.
+
+    Examples:
+        >>> v = torch.tensor([[[1.0, 0.0]], [[1.0, 1.0]]]) / torch.tensor([[[1.0]], [[2 ** 0.5]]])
+        >>> orthogonalize_criteria(v)[1, 0].tolist()
+        [0.0, 1.0]
+    """
+    n_crit = vectors.shape[0]
+    out = torch.zeros_like(vectors)
+    for c in range(n_crit):
+        others = torch.cat([vectors[:c], vectors[c + 1:]])  # [C-1, L, d]
+        for li in range(vectors.shape[1]):
+            v = vectors[c, li].double()
+            if others.shape[0]:
+                basis = torch.linalg.qr(others[:, li].double().T).Q  # [d, C-1]
+                v = v - basis @ (basis.T @ v)
+            norm = v.norm()
+            if norm > 1e-6 * max(float(vectors[c, li].norm()), 1e-12):
+                out[c, li] = (v / norm).to(vectors.dtype)
+    return out

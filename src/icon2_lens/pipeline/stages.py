@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..controls import ControlsConfig, make_controls
 from ..directions import DirectionSet, ExtractConfig, extract_directions
 from ..evaluation import EvaluateConfig, PairwiseJudge, ProbeScorer, evaluate, pair_report
 from ..instructions import load_instructions
 from ..layers import LayersConfig, layer_report
 from ..models import LoadedModel, load_model
 from ..pairs import PairsConfig, generate_pairs
+from ..preference import first_per_criterion, load_preference_set
 from ..runs import names
 from ..runs.costs import CostMeter
 from ..runs.io import atomic_write_text, read_jsonl
@@ -116,6 +118,12 @@ class EvaluateInputs:
     instructions: str = "heldout"
     n: int | None = 16
     judge: str | None = None
+    n_preference: int | None = None
+
+
+def _config_of(cls: type, section: Any) -> Any:
+    """A stage's config dataclass from another stage's validated section (its fields only)."""
+    return cls(**{f.name: getattr(section, f.name) for f in dataclasses.fields(cls) if hasattr(section, f.name)})
 
 
 # ---- runners -------------------------------------------------------------------------------------------
@@ -153,6 +161,7 @@ def _synthesize(ctx: StageContext, folder: Path, meter: CostMeter, cfg: Synthesi
 def _score(ctx: StageContext, folder: Path, meter: CostMeter, cfg: ScoreConfig, sec: Any) -> tuple[int, list[Path]]:
     table = score_instructions(ctx.model, ctx.directions(), ctx.out / "synthesize", layers=cfg.layers,
                                standardize=cfg.standardize, render=cfg.render, batch_size=cfg.batch_size,
+                               min_separation=cfg.min_separation, allow_invalid=cfg.allow_invalid,
                                progress=ctx.progress)
     paths = save_scores(table, folder, top_fraction=cfg.top_fraction, top_k=cfg.top_k, threshold=cfg.threshold,
                         balance_criteria=cfg.balance_criteria, overwrite=True)
@@ -175,26 +184,42 @@ def _train(ctx: StageContext, folder: Path, meter: CostMeter, cfg: TrainConfig, 
     return res.steps, [res.output_dir, res.log_path, res.curve_path]
 
 
+def _controls(ctx: StageContext, folder: Path, meter: CostMeter, cfg: ControlsConfig,
+              sec: Any) -> tuple[int, list[Path]]:
+    if not cfg.kinds:
+        return 0, []
+    paths = make_controls(ctx.model, ctx.directions(), ctx.out / "generate", cfg,
+                          pairs_config=_config_of(PairsConfig, ctx.cfg.generate),
+                          train_config=dataclasses.replace(_config_of(TrainConfig, ctx.cfg.train), seed=ctx.cfg.seed),
+                          model_source=ctx.cfg.model, seed=ctx.cfg.seed, out=folder, progress=ctx.progress)
+    return len(paths), list(paths.values())
+
+
 def _evaluate(ctx: StageContext, folder: Path, meter: CostMeter, cfg: EvaluateConfig,
               sec: Any) -> tuple[int, list[Path]]:
     import torch
 
     dirs = ctx.directions()
-    trained = load_model(ctx.out / "train" / names.TRAINED_MODEL, device=ctx.cfg.device,
-                         dtype=getattr(torch, ctx.cfg.dtype))
-    meter.watch_model(trained)
+
+    def load(path: Path) -> LoadedModel:
+        m = load_model(path, device=ctx.cfg.device, dtype=getattr(torch, ctx.cfg.dtype))
+        meter.watch_model(m)
+        return m
+
+    trained = load(ctx.out / "train" / names.TRAINED_MODEL)
+    controls = {kind: load(ctx.out / "controls" / kind / "model") for kind in ctx.cfg.controls.kinds}
     judge = None
     if sec.judge is not None:
-        jm = load_model(sec.judge, device=ctx.cfg.device)
-        meter.watch_model(jm)
-        judge = PairwiseJudge(jm)
+        judge = PairwiseJudge(load(Path(sec.judge)) if Path(sec.judge).exists() else load_model(sec.judge))
     trained_on = [r["instruction"] for r in read_jsonl(ctx.out / "generate" / names.PAIRS)]
-    instructions = load_instructions(sec.instructions, limit=sec.n)
+    instructions = load_instructions(sec.instructions, limit=sec.n) if sec.n != 0 else []
+    pref = first_per_criterion(load_preference_set(cfg.preference_set), sec.n_preference)
     steer_layers = scoring_layers(dirs, ctx.cfg.generate.layers)
-    evaluate(ctx.model, trained, dirs, instructions, judge=judge, layers=steer_layers,
-             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, training_instructions=trained_on,
-             out=folder, overwrite=True, progress=ctx.progress)
-    return len(instructions), [folder / names.EVAL_REPORT, folder / names.METRICS]
+    evaluate(ctx.model, trained, dirs, instructions, preference_set=pref, controls=controls, judge=judge,
+             layers=steer_layers, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+             training_instructions=trained_on, n_boot=cfg.n_boot, level=cfg.level, seed=ctx.cfg.seed, out=folder,
+             overwrite=True, progress=ctx.progress)
+    return len(pref), [folder / names.EVAL_REPORT, folder / names.METRICS]
 
 
 def _one_selection_rule(data: Any) -> Any:
@@ -221,6 +246,10 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
               help="bidirectional steered generation into preference pairs"),
     StageSpec("train", ("generate",), TrainConfig, _train, uses_model=lambda section: False,  # loads its own
               help="DPO or SimPO on the pairs (TRL)"),
-    StageSpec("evaluate", ("layers", "score", "train"), EvaluateConfig, _evaluate, extra=EvaluateInputs,
-              help="base vs trained on held-out instructions"),
+    StageSpec("controls", ("layers", "generate", "train"), ControlsConfig, _controls,
+              uses_model=lambda section: "random" in section.kinds,
+              help="control models: swapped pairs and pairs steered along a random direction, trained alike"),
+    StageSpec("evaluate", ("layers", "score", "train", "controls"), EvaluateConfig, _evaluate,
+              extra=EvaluateInputs,
+              help="base vs trained vs controls on held-out preference pairs (judge-free), answers and judge"),
 )}

@@ -78,7 +78,11 @@ def train_curve(history: list[dict[str, Any]], *,
     return train_curve_figure(history, objective=objective)
 
 
-def _pairs_dataset(pairs: Any) -> datasets.Dataset:
+def _is_finished(row: dict[str, Any]) -> bool:
+    return row.get("chosen_finished", True) is not False and row.get("rejected_finished", True) is not False
+
+
+def _pairs_dataset(pairs: Any, *, finished_only: bool = False) -> tuple[datasets.Dataset, int]:
     from datasets import Dataset
 
     if isinstance(pairs, (str, os.PathLike)):
@@ -94,7 +98,16 @@ def _pairs_dataset(pairs: Any) -> datasets.Dataset:
     missing = {"prompt", "chosen", "rejected"} - set(rows[0])
     if missing:
         raise ValueError(f"The pairs lack {sorted(missing)}; pass the output of generate_pairs.")
-    return Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    dropped = 0
+    if finished_only:
+        kept = [r for r in rows if _is_finished(r)]
+        dropped = len(rows) - len(kept)
+        if not kept:
+            raise ValueError(f"None of the {len(rows)} pairs has both responses finished (ended with the end-of-turn "
+                             "token); generate with a larger max_new_tokens, or train on cut responses with "
+                             "TrainConfig(finished_only=False) (CLI: --no-finished-only).")
+        rows = kept
+    return Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]), dropped
 
 
 def train(
@@ -150,7 +163,10 @@ def train(
                          "TrainConfig(objective=..., preset=..., ...).")
     cfg = config.hyperparameters()
     out = check_output_folder(output_dir, overwrite=overwrite)
-    dataset = _pairs_dataset(pairs)
+    dataset, dropped = _pairs_dataset(pairs, finished_only=config.finished_only)
+    if dropped:
+        log(f"training on {len(dataset)} finished pairs; {dropped} with a response cut at the token budget "
+            "left out (finished_only)")
     _, hf_path, model_id, _ = resolve_source(model_source)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     auto, reason = choose_precision(device)
@@ -188,7 +204,8 @@ def train(
                                      precision=precision, work=work, out=tmp, device=device, progress=progress)
         atomic_write_text(tmp / "train_config.json", json.dumps(
             {**dataclasses.asdict(config), **cfg, "precision": precision, "precision_asked": config.precision,
-             "precision_reason": reason, "base_model": model_id, "n_pairs": len(dataset), "steps": steps},
+             "precision_reason": reason, "base_model": model_id, "n_pairs": len(dataset),
+             "n_unfinished_dropped": dropped, "steps": steps},
             indent=2))
     return TrainResult(output_dir=out, log_path=out / "train_log.jsonl", curve_path=out / "train_curve.png",
                        steps=steps, history=history)

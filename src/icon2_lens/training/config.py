@@ -60,6 +60,10 @@ class TrainConfig:
         gradient_checkpointing: recompute activations in the backward pass (less memory, slower).
         seed: seed of TRL's trainer.
         simpo_gamma: SimPO's target reward margin (``None``: the preset's, 0.5; 3 with ``"sao"``).
+        finished_only: train only on pairs whose both responses ended with the end-of-turn token (rows with
+            ``chosen_finished`` / ``rejected_finished`` columns; rows without them count as finished). A
+            response cut at the token budget would otherwise get TRL's end-of-turn token appended and teach
+            the model to stop mid-sentence. The count dropped is logged and written to ``train_config.json``.
 
     Examples:
         >>> TrainConfig(learning_rate=1e-5).hyperparameters()["learning_rate"]
@@ -87,6 +91,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     seed: int = 0
     simpo_gamma: float | None = None
+    finished_only: bool = True
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
