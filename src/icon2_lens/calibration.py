@@ -171,10 +171,6 @@ def _table_source(table: Any) -> tuple[Any, list[str] | None, str, bool]:
         scores, selected = folder / names.SCORES, folder / names.SELECTED
         if scores.is_file():
             chosen = [r["instruction"] for r in read_jsonl(selected)] if selected.is_file() else None
-            if chosen is None:
-                warnings.warn(f"{folder} has no {names.SELECTED}: the training rows are unknown, so none are "
-                              "excluded from the calibration sample; pass exclude= (CLI: --exclude) with them.",
-                              stacklevel=3)
             return read_jsonl(scores), chosen, str(scores), True
         return table, None, str(folder), False
     return table, None, str(table) if isinstance(table, (str, os.PathLike)) else "rows", False
@@ -214,10 +210,12 @@ def calibration_sample(
     """
     source, named_training, label, score_folder = _table_source(table)
     rows = table_rows(source, criterion, directions)
-    if exclude is None and named_training is None and not score_folder:  # (a score folder has warned already)
-        warnings.warn("No exclude= given and the table is not a `score` folder: the calibration sample is not checked "
-                      "against the training rows (held out means held out); pass exclude= with the instructions "
-                      "that become pairs (CLI: --exclude FILE).", stacklevel=3)
+    if exclude is None and named_training is None:
+        what = (f"{table} has no {names.SELECTED}, so the training rows are unknown" if score_folder else
+                "No exclude= given and the table is not a `score` folder")
+        warnings.warn(f"{what}: the calibration sample is not checked against the training rows (held out means held "
+                      "out); pass exclude= with the instructions that become pairs (CLI: --exclude FILE).",
+                      stacklevel=3)
     excluded = {instruction_hash(x) for x in (exclude if exclude is not None else named_training or [])}
     pool = [r for r in rows if instruction_hash(r["instruction"]) not in excluded]
     if len(pool) < n:
