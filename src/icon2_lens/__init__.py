@@ -17,17 +17,21 @@ The public surface::
 
 Building blocks live in subpackages: `il.gen` (the engine seam), `il.math` (pure math), `il.runs`
 (batch runner, io, shards, costs), `il.judges`, `il.reports`, `il.pipeline`, and the stage modules
-(`il.pairs`, `il.scoring`, ...).
+(`il.pairs`, `il.scoring`, ...); the independent evidence in `il.preference` (judge-free margins on
+held-out human-written pairs) and `il.controls` (swapped and random-direction controls).
 """
 
 # Building blocks reachable as il.gen, il.judges, il.math, il.reports, il.runs (redundant aliases: explicit re-exports).
+from . import controls as controls
 from . import gen as gen
 from . import judges as judges
 from . import math as math
+from . import preference as preference
 from . import reports as reports
 from . import runs as runs
 from .activations import read_last_token
 from .calibration import calibrate_gamma
+from .controls import make_controls
 from .criteria import DEFAULT_CRITERIA, Criterion, load_criteria
 from .directions import DirectionSet, extract_directions
 from .evaluation import evaluate
@@ -36,6 +40,7 @@ from .layers import layer_report
 from .models import LoadedModel, load_model
 from .pairs import PairsConfig, generate_pairs
 from .pipeline import RunConfig, load_config, merge_shards, run_pipeline
+from .preference import load_preference_set
 from .prompts import render_chat
 from .runs.costs import measure_costs
 from .scoring import score_instructions, select_instructions
@@ -52,7 +57,9 @@ __all__ = [
     # the Icon2 stages
     "extract_directions", "DirectionSet", "layer_report", "synthesize_instructions", "score_instructions",
     "select_instructions", "generate_pairs", "PairsConfig", "steer", "calibrate_gamma",
-    "train", "train_dpo", "TrainConfig", "evaluate",
+    "train", "train_dpo", "TrainConfig",
+    # evidence
+    "evaluate", "load_preference_set", "make_controls",
     # runs
     "run_pipeline", "RunConfig", "load_config", "merge_shards", "measure_costs",
 ]

@@ -176,7 +176,7 @@ def make_controls(
             table = [{"instruction": r["instruction"], "criterion": r["criterion"],
                       "consistency": r.get("consistency")} for r in rows]
             ds = generate_pairs(model, random_directions(directions, seed=cfg.direction_seed), table, pcfg, seed=seed,
-                                out=folder / "generation", progress=progress)
+                                out=folder / f"generation-seed{cfg.direction_seed}", progress=progress)
             ctrl = [{**dict(r), "control": "random"} for r in ds]
             atomic_write_text(folder / "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in ctrl))
         source = model_source if model_source is not None else (None if model.info.kind == "embedded"

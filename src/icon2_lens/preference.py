@@ -104,7 +104,7 @@ def _parse(lines: Sequence[str], where: str) -> list[PreferencePair]:
             raise ValueError(f"{where}, line {i}: 'criterion' must be a string, got {crit!r}.")
         if row["chosen"].strip() == row["rejected"].strip():
             raise ValueError(f"{where}, line {i}: 'chosen' and 'rejected' are the same text.")
-        out.append(PreferencePair(row["prompt"], row["chosen"], row["rejected"], crit, str(row.get("split", ""))))
+        out.append(PreferencePair(row["prompt"], row["chosen"], row["rejected"], crit, str(row.get("split") or "")))
     return out
 
 

@@ -124,8 +124,9 @@ def orthogonalize_criteria(
         others = torch.cat([vectors[:c], vectors[c + 1:]])  # [C-1, L, d]
         for li in range(vectors.shape[1]):
             v = vectors[c, li].double()
-            if others.shape[0]:
-                basis = torch.linalg.qr(others[:, li].double().T).Q  # [d, C-1]
+            if others.shape[0]:  # an orthonormal basis of the others' span (SVD: dependent others add nothing)
+                u_, sv, _ = torch.linalg.svd(others[:, li].double().T, full_matrices=False)  # [d, C-1]
+                basis = u_[:, sv > 1e-10 * max(float(sv.max()), 1e-300)]
                 v = v - basis @ (basis.T @ v)
             norm = v.norm()
             if norm > 1e-6 * max(float(vectors[c, li].norm()), 1e-12):
