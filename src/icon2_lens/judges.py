@@ -53,7 +53,7 @@ from .models import LoadedModel, load_model
 from .prompts import render_chat
 
 __all__ = ["Scorer", "Judge", "ProbeScorer", "RewardModelScorer", "PairwiseJudge", "ChatEndpointJudge",
-           "JudgeEndpointError", "verdicts", "judge_summary", "JUDGE_POSITION_LIMIT", "is_pairwise"]
+           "JudgeEndpointError", "verdicts", "judge_summary", "JUDGE_POSITION_LIMIT", "is_pairwise", "make_judge"]
 
 #: A judge that picks the same position (first, or second) in more than this share of its verdicts is
 #: reported as unable to judge (`judge_summary`).
@@ -521,3 +521,17 @@ class ChatEndpointJudge:
     def __call__(self, instructions: Sequence[str], responses: Sequence[str], criteria: Sequence[str]) -> list[float]:
         raise TypeError("ChatEndpointJudge compares two responses; use judge.compare(...) "
                         "or calibrate_gamma(scorer=judge).")
+
+
+def make_judge(spec: str, *, endpoint_model: str | None = None, device: str | None = None) -> Judge:
+    """A judge from one string: an ``http(s)://`` URL is an OpenAI-compatible endpoint (`ChatEndpointJudge`,
+    ``endpoint_model`` its model name, default ``"local"``), anything else a model source for
+    `PairwiseJudge.load` (an HF folder or id, a ``.gguf`` file, ``"embedded"``).
+
+    Examples:
+        >>> make_judge("http://127.0.0.1:8080/v1", endpoint_model="smollm2").name  # doctest: +SKIP
+        'endpoint:http://127.0.0.1:8080/v1/chat/completions:smollm2'
+    """
+    if spec.startswith(("http://", "https://")):
+        return ChatEndpointJudge(spec, endpoint_model or "local")
+    return PairwiseJudge.load(None if spec == "embedded" else spec, device=device)

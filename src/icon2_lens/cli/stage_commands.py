@@ -19,7 +19,7 @@ from ..controls import CONTROL_KINDS, ControlsConfig, make_controls
 from ..directions import DirectionSet, ExtractConfig, extract_directions
 from ..evaluation import EvaluateConfig, evaluate, pair_report
 from ..instructions import load_instructions
-from ..judges import PairwiseJudge, ProbeScorer
+from ..judges import ProbeScorer, make_judge
 from ..layers import LayersConfig, layer_report, split_half_stability
 from ..models import LoadedModel, load_model
 from ..pairs import PairsConfig, generate_pairs, table_rows
@@ -340,7 +340,10 @@ def evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--instructions", default="heldout",
                    help="held-out instructions: a built-in set (default 'heldout'), a .txt/.jsonl file or folder")
     p.add_argument("--n", type=int, default=None, help="use only the first N instructions")
-    p.add_argument("--judge", default=None, help="judge model source (default: the base model)")
+    p.add_argument("--judge", default=None,
+                   help="judge: a model source (HF folder or id, .gguf) or the URL of an OpenAI-compatible chat "
+                        "endpoint, e.g. http://127.0.0.1:8080/v1 (default: the base model judging)")
+    p.add_argument("--judge-model", default=None, help="the model name sent to a judge endpoint (default 'local')")
     p.add_argument("--controls", default=None, type=Path,
                    help="a `controls` output folder: its models are evaluated beside the trained one")
     p.add_argument("--out", required=True, type=Path,
@@ -366,7 +369,7 @@ def evaluate_command(args: argparse.Namespace, cfg: EvaluateConfig) -> list[Path
                     for k in found}
     base = load(args)
     trained = load_model(args.trained, device=args.device, dtype=getattr(torch, args.dtype))
-    judge = PairwiseJudge(load_model(args.judge, device=args.device)) if args.judge else None
+    judge = make_judge(args.judge, endpoint_model=args.judge_model, device=args.device) if args.judge else None
     evaluate(base, trained, dirs, instructions, preference_set=pref, controls=controls, judge=judge,
              max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, n_boot=cfg.n_boot, level=cfg.level,
              out=args.out, overwrite=args.overwrite, progress=not args.no_progress)

@@ -22,6 +22,7 @@ from ..controls import ControlsConfig, make_controls
 from ..directions import DirectionSet, ExtractConfig, extract_directions
 from ..evaluation import EvaluateConfig, PairwiseJudge, ProbeScorer, evaluate, pair_report
 from ..instructions import load_instructions
+from ..judges import make_judge
 from ..layers import LayersConfig, layer_report
 from ..models import LoadedModel, load_model
 from ..pairs import PairsConfig, generate_pairs
@@ -113,11 +114,14 @@ class SynthesizeInputs:
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluateInputs:
-    """Held-out instructions (a built-in set, a file or a folder), how many, and an optional judge model."""
+    """Held-out instructions (a built-in set, a file or a folder) and how many (0: no answers, no judge); an
+    optional judge (a model source, or an OpenAI-compatible endpoint URL with ``judge_model`` its model name);
+    ``n_preference``: only the first n preference pairs of each criterion (``null``: all)."""
 
     instructions: str = "heldout"
     n: int | None = 16
     judge: str | None = None
+    judge_model: str | None = None
     n_preference: int | None = None
 
 
@@ -208,9 +212,9 @@ def _evaluate(ctx: StageContext, folder: Path, meter: CostMeter, cfg: EvaluateCo
 
     trained = load(ctx.out / "train" / names.TRAINED_MODEL)
     controls = {kind: load(ctx.out / "controls" / kind / "model") for kind in ctx.cfg.controls.kinds}
-    judge = None
-    if sec.judge is not None:
-        judge = PairwiseJudge(load(Path(sec.judge)) if Path(sec.judge).exists() else load_model(sec.judge))
+    judge = make_judge(sec.judge, endpoint_model=sec.judge_model, device=ctx.cfg.device) if sec.judge else None
+    if isinstance(judge, PairwiseJudge):
+        meter.watch_model(judge.model)
     trained_on = [r["instruction"] for r in read_jsonl(ctx.out / "generate" / names.PAIRS)]
     instructions = load_instructions(sec.instructions, limit=sec.n) if sec.n != 0 else []
     pref = first_per_criterion(load_preference_set(cfg.preference_set), sec.n_preference)
