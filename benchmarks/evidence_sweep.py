@@ -39,12 +39,13 @@ from icon2_lens.training import TrainConfig, train
 
 #: name -> (PairsConfig overrides, number of pairs, validity gate on, finished_only)
 SETTINGS: dict[str, tuple[dict[str, Any], int, bool, bool]] = {
-    "relative-0.07-128tok-cut": ({"max_new_tokens": 128}, 24, True, False),  # the old default, gate on
-    "relative-0.07": ({"max_new_tokens": 256}, 24, True, True),
-    "relative-0.07-nogate": ({"max_new_tokens": 256}, 24, False, True),
+    "relative-0.07-128tok-cut": ({"max_new_tokens": 128}, 24, True, False),  # the old default, trained on cut pairs
     "contrast-1": ({"scale": "contrast", "gamma_pos": 1.0, "gamma_neg": -1.0, "max_new_tokens": 256}, 24, True, True),
     "contrast-3": ({"scale": "contrast", "gamma_pos": 3.0, "gamma_neg": -3.0, "max_new_tokens": 256}, 24, True, True),
-    "contrast-3-48pairs": ({"scale": "contrast", "gamma_pos": 3.0, "gamma_neg": -3.0, "max_new_tokens": 256}, 48,
+    "relative-0.07": ({"max_new_tokens": 256}, 24, True, True),
+    "contrast-1-nogate": ({"scale": "contrast", "gamma_pos": 1.0, "gamma_neg": -1.0, "max_new_tokens": 256}, 24,
+                          False, True),
+    "contrast-1-48pairs": ({"scale": "contrast", "gamma_pos": 1.0, "gamma_neg": -1.0, "max_new_tokens": 256}, 48,
                            True, True),
 }
 

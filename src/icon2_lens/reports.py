@@ -481,6 +481,13 @@ def run_report(*, out: str, model: str, seed: int, order: Sequence[str], ran: Se
                   f"rejected ({g['scorer']}, neither degenerate) in {g['win_share']:.3f} of the pairs; degenerate: "
                   f"chosen {g['chosen']['degenerate_share']:.2f}, rejected {g['rejected']['degenerate_share']:.2f}.",
                   ""]
+    if "reward_probe" in g:
+        acc = g["reward_probe"]["heldout_accuracy"]
+        lines += [f"Independent probe (a reward probe fitted on human-written better/worse answers, not on the "
+                  f"steering directions): chosen beats rejected in {g['reward_probe']['win_share']:.3f} of the pairs; "
+                  f"the probe itself ranks {acc['accuracy']:.2f} of the {acc['n']} held-out preference pairs right "
+                  f"(90% interval {acc['ci_low']:.2f}-{acc['ci_high']:.2f}), so read it with that accuracy in mind.",
+                  ""]
     if train_history:
         a, b = train_history[0], train_history[-1]
         lines += [f"## {objective.upper() if objective == 'dpo' else 'SimPO'} training", "",

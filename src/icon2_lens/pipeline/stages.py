@@ -27,6 +27,7 @@ from ..layers import LayersConfig, layer_report
 from ..models import LoadedModel, load_model
 from ..pairs import PairsConfig, generate_pairs
 from ..preference import first_per_criterion, load_preference_set
+from ..reward_probe import RewardProbeScorer
 from ..runs import names
 from ..runs.costs import CostMeter
 from ..runs.io import atomic_write_text, read_jsonl
@@ -176,7 +177,12 @@ def _generate(ctx: StageContext, folder: Path, meter: CostMeter, cfg: PairsConfi
     dirs = ctx.directions()
     pairs = generate_pairs(ctx.model, dirs, ctx.out / "score" / names.SELECTED, cfg, seed=ctx.cfg.seed, out=folder,
                            progress=ctx.progress)
-    report = pair_report(pairs, scorer=ProbeScorer(ctx.model, dirs, layers=scoring_layers(dirs, cfg.layers)))
+    steer_layers = scoring_layers(dirs, cfg.layers)
+    report = pair_report(pairs, scorer=ProbeScorer(ctx.model, dirs, layers=steer_layers))  # self-probe
+    # an independent reading: a reward probe fitted on human-written better/worse answers, not the directions
+    probe = RewardProbeScorer.fit(ctx.model, layers=steer_layers)
+    report["reward_probe"] = {"win_share": pair_report(pairs, scorer=probe)["win_share"],
+                              "heldout_accuracy": probe.accuracy(load_preference_set())}
     atomic_write_text(folder / names.PAIR_REPORT, json.dumps(report, indent=2))
     return len(pairs), [folder / names.PAIRS, folder / names.PAIR_REPORT]
 
