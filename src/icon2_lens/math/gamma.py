@@ -184,7 +184,12 @@ def bootstrap_choices(
     table (scores, degenerate flags and, if given, verdicts of the same instructions).
 
     Args:
-        scores, degenerate, gammas_pos, gammas_neg, win_threshold, beats: as for `choose_gammas`.
+        scores: per gamma, one score per instruction (as for `choose_gammas`).
+        degenerate: per gamma, whether each response degenerated.
+        gammas_pos: the gamma+ candidates.
+        gammas_neg: the gamma- candidates.
+        win_threshold: the share of wins a gamma- must exceed.
+        beats: optional per-(gamma+, gamma-) verdicts per instruction (a judge's).
         n_boot: resamples (``0``: none, an empty list).
         seed: resampling seed.
 
