@@ -9,7 +9,7 @@ gives the raw verdicts of the two orders. `is_pairwise` tells which one an objec
 `icon2_lens.calibrate_gamma`, `icon2_lens.evaluation.pair_report` and `icon2_lens.evaluate`
 take either.
 
-* `ProbeScorer` (default, offline, works on the embedded model): the model reads the response to
+* `ProbeScorer` (the *self-probe*; offline, works on the embedded model): the model reads the response to
   the instruction (chat template, no system prompt of our own) and the last token's residual is
   projected on the criterion's direction at the steering layers, standardised with the feature-set
   statistics and averaged: the response-reading of the layer report's measure (c). **Limits:** it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -178,20 +179,25 @@ def test_pipeline_tiny_config_end_to_end(smol, tmp_path):
         "synthesize: {n: 8, batch_size: 8, max_new_tokens: 48}\n"
         "score: {top_k: 2}\n"
         "generate: {max_new_tokens: 16, batch_size: 2}\n"
-        "train: {max_steps: 1}\n"
-        "evaluate: {n: 2, max_new_tokens: 16, batch_size: 2}\n")
+        "train: {max_steps: 1, finished_only: false}\n"  # 16-token answers do not finish
+        "controls: {kinds: [swapped]}\n"
+        "evaluate: {n: 2, max_new_tokens: 16, batch_size: 2, n_preference: 4, n_boot: 200}\n")
     out = tmp_path / "run"
     assert main(["run", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 0
     report = (out / "report.md").read_text()
-    assert "per kept pair (2)" in report and "Probe shift" in report and "| win | tie | loss |" in report
+    assert "per kept pair (2)" in report and "Self-probe shift" in report and "| win | tie | loss |" in report
+    assert "Judge-free preference margins" in report and "Independent probe" in report
+    metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
+    assert set(metrics["preference"]["models"]) == {"base", "trained", "swapped"}
+    assert metrics["preference"]["models"]["trained"]["all"]["n"] == 12  # 4 per criterion
     costs = {s: il.runs.load_costs(out / s) for s in ("extract", "layers", "synthesize", "score", "generate", "train",
-                                                 "evaluate")}
+                                                 "controls", "evaluate")}
     assert costs["generate"].rows == 2 and costs["generate"].generated_tokens > 0
     assert costs["synthesize"].generated_tokens > 0 and costs["train"].forward_passes == 2
     trained = il.load_model(out / "train" / "trained_model", device="cpu")
     assert trained.info.fingerprint == smol.info.fingerprint
     res = il.run_pipeline(None, out=out, progress=False, log=None)
-    assert res.ran == [] and len(res.skipped) == 7
+    assert res.ran == [] and len(res.skipped) == 8
 
 
 # ---- the engine seam keeps the tokens of the code before it (tests/tiny/test_gen.py has the tiny-model half) --

@@ -34,51 +34,72 @@ def test_reports_imports_no_stage_module():
 
 # ---- evaluation ------------------------------------------------------------------------------------------
 
+def _cell(n, acc, margin, shift=None):
+    c = {"n": n, "preference_accuracy": acc, "margin_mean": margin, "margin_ci_low": margin - 0.01,
+         "margin_ci_high": margin + 0.01, "chosen_tokens_mean": 40.0, "rejected_tokens_mean": 38.0,
+         "chosen_words_mean": 30.0, "rejected_words_mean": 29.0, "implicit_reward_accuracy": None}
+    if shift is not None:
+        c.update(margin_shift_mean=shift, margin_shift_ci_low=shift - 0.002, margin_shift_ci_high=shift + 0.002,
+                 margin_rose_share=0.6, implicit_reward_accuracy=0.55)
+    return c
+
+
 METRICS = {
-    "n": 2, "models": {"base": "base-m", "trained": "trained-m"},
-    "probe": {"helpful": {"base": 0.1, "trained": 0.25, "shift": 0.15}},
-    "judge": {"name": "fake", "win": 0.5, "tie": 0.5, "loss": 0.0, "first_position_share": 0.75},
+    "n_instructions": 2, "models": {"base": "base-m", "trained": "trained-m", "swapped": "swapped-m"},
+    "preference": {
+        "reference": "base", "level": 0.9, "n_boot": 100, "seed": 0,
+        "set": {"n": 4, "sha256": "ab" * 32, "criteria": ["helpful"]},
+        "models": {"base": {"all": _cell(4, 0.5, -0.1)}, "trained": {"all": _cell(4, 0.75, -0.09, 0.01)},
+                   "swapped": {"all": _cell(4, 0.25, -0.11, -0.01)}},
+        "contrasts": {"subject": "trained", "controls": {"swapped": {"all": {
+            "mean": 0.02, "low": 0.001, "high": 0.04, "n": 4, "level": 0.9, "distinguishable": True}}}},
+    },
+    "self_probe": {"helpful": {"base": 0.1, "trained": 0.25, "shift": 0.15, "shift_ci_low": 0.05,
+                               "shift_ci_high": 0.2, "n": 2}},
+    "judge": {"name": "fake", "n": 2, "win": 0.5, "tie": 0.5, "loss": 0.0, "first_position_share": 0.75,
+              "able_to_judge": True, "note": ""},
     "degeneration": {"base": {"distinct1": 0.5, "distinct2": 0.75, "repetition_rate": 0.125, "degenerate_share": 0.0,
                               "mean_words": 12.4}},
 }
 
 
 def test_evaluation_markdown():
-    assert reports.evaluation_markdown(METRICS) == """\
-# Evaluation: trained-m vs base-m (2 held-out instructions)
-
-## Probe shift (mean standardised projection on the base model's directions)
-
-*Self-probe*: read through the same criterion directions that made the training data, so it is a manipulation \
-check, not evidence of quality (see the project's evidence rules).
-
-| criterion | base | trained | shift |
-|---|---|---|---|
-| helpful | 0.100 | 0.250 | +0.150 |
-
-## Pairwise judge (fake, both orders; a flip is a tie)
-
-| win | tie | loss |
-|---|---|---|
-| 0.50 | 0.50 | 0.00 |
-
-The judge picked the response shown first in 0.75 of its 4 verdicts (0.5 would be no position bias; 0 or 1 \
-means it reads the position, not the answers).
-
-## Degeneration
-
-| model | distinct-1 | distinct-2 | repetition | degenerate | mean words |
-|---|---|---|---|---|---|
-| base | 0.50 | 0.75 | 0.12 | 0.00 | 12 |
-"""
-    no_share = {**METRICS, "judge": {**METRICS["judge"], "first_position_share": None}}
-    assert "shown first" not in reports.evaluation_markdown(no_share)
+    md = reports.evaluation_markdown(METRICS)
+    assert md.startswith("# Evaluation: trained-m vs base-m (controls: swapped)\n\n## Judge-free preference margins")
+    # the independent figures come before the judge, and the self-probe comes last, labelled
+    assert md.index("Judge-free") < md.index("## Pairwise judge") < md.index("## Self-probe shift")
+    assert "| trained | all | 4 | 0.750 | -0.0900 [-0.1000, -0.0800] | +0.0100 [+0.0080, +0.0120] | 0.550 | 40 / 38 |" in md
+    assert "| base | all | 4 | 0.500 | -0.1000 [-0.1100, -0.0900] | - | n/a | 40 / 38 |" in md
+    assert "| swapped | all | 4 | +0.0200 [+0.0010, +0.0400] | yes |" in md
+    assert "*Self-probe*: read through the same criterion directions" in md
+    assert "| helpful | 0.100 | 0.250 | +0.150 [+0.050, +0.200] |" in md
+    assert "picked the response shown first in 0.75 of its 4 verdicts" in md
 
 
-def test_probe_shift_figure():
+def test_evaluation_markdown_says_when_a_judge_cannot_judge_and_when_controls_overlap():
+    m = {**METRICS, "judge": {**METRICS["judge"], "first_position_share": 0.95, "able_to_judge": False,
+                             "note": "unable to judge: picks the first position in 95% of verdicts"}}
+    con = m["preference"]["contrasts"]["controls"]["swapped"]["all"]
+    m["preference"] = {**m["preference"], "contrasts": {"subject": "trained", "controls": {"swapped": {"all": {
+        **con, "low": -0.01, "distinguishable": False}}}}}
+    md = reports.evaluation_markdown(m)
+    assert "**unable to judge: picks the first position in 95% of verdicts**" in md
+    assert "no: not distinguishable at this size" in md
+
+
+def test_evaluation_markdown_without_answers():
+    m = {k: v for k, v in METRICS.items() if k not in ("judge", "degeneration", "self_probe")}
+    md = reports.evaluation_markdown(m)
+    assert "Judge-free" in md and "Pairwise judge" not in md and "Self-probe" not in md
+
+
+def test_probe_shift_and_preference_figures():
     fig = reports.probe_shift_figure(METRICS)
     assert isinstance(fig, Figure) and len(fig.axes) == 1
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["helpful"]
+    fig = reports.preference_figure(METRICS)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["all"]
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["trained", "swapped"]
 
 
 # ---- calibration -----------------------------------------------------------------------------------------
