@@ -37,7 +37,8 @@ from icon2_lens.runs.io import atomic_write_text
 from icon2_lens.scoring import save_scores, score_instructions
 from icon2_lens.training import TrainConfig, train
 
-#: name -> (PairsConfig overrides, number of pairs, validity gate on, finished_only)
+#: name -> (PairsConfig overrides, number of pairs, validity gate on, finished_only; with it, unfinished responses
+#: are trimmed to their last sentence (TrainConfig.trim_unfinished), as the demo does)
 SETTINGS: dict[str, tuple[dict[str, Any], int, bool, bool]] = {
     "relative-0.07-128tok-cut": ({"max_new_tokens": 128}, 24, True, False),  # the old default, trained on cut pairs
     "contrast-1": ({"scale": "contrast", "gamma_pos": 1.0, "gamma_neg": -1.0, "max_new_tokens": 256}, 24, True, True),
@@ -88,7 +89,8 @@ def main() -> None:
         finished = [r["chosen_finished"] and r["rejected_finished"] for r in rows]
         model_dir = folder / "model"
         if not (model_dir / "config.json").is_file():
-            train(rows, config=dataclasses.replace(train_cfg, finished_only=finished_only), output_dir=model_dir,
+            train(rows, config=dataclasses.replace(train_cfg, finished_only=finished_only,
+                                                   trim_unfinished=finished_only), output_dir=model_dir,
                   overwrite=True, progress=False, log=lambda s: None)
         t_train = time.perf_counter() - t0 - t_gen
         trained = il.load_model(model_dir)
@@ -101,7 +103,8 @@ def main() -> None:
             "chosen_finished_share": sum(r["chosen_finished"] for r in rows) / len(rows),
             "rejected_finished_share": sum(r["rejected_finished"] for r in rows) / len(rows),
             "generated_tokens": sum(r["chosen_tokens"] + r["rejected_tokens"] for r in rows),
-            "trained_pairs": sum(finished) if finished_only else len(rows),
+            "trained_pairs": json.loads((model_dir / "train_config.json").read_text())["n_pairs"],
+            "trimmed_pairs": json.loads((model_dir / "train_config.json").read_text()).get("n_unfinished_trimmed", 0),
             "preference": {c: {k: v for k, v in cell.items() if k.startswith(("margin_shift", "implicit", "n"))}
                            for c, cell in cells.items()},
             "seconds": {"generate": round(t_gen), "train_and_eval": round(time.perf_counter() - t0 - t_gen)},

@@ -32,20 +32,30 @@ def test_finished_only_is_the_default():
 
 
 def test_pairs_dataset_drops_and_counts():
-    ds, dropped = _pairs_dataset(MIXED, finished_only=True)
-    assert dropped == 3 and len(ds) == 3
+    ds, counts = _pairs_dataset(MIXED, finished_only=True)
+    assert counts == {"given": 6, "dropped": 3, "trimmed": 0} and len(ds) == 3
     assert [r["prompt"][0]["content"] for r in ds] == ["Question number 0?", "Question number 2?",
                                                        "Question number 4?"]
     assert set(ds.column_names) == {"prompt", "chosen", "rejected"}
     ds_all, none = _pairs_dataset(MIXED, finished_only=False)
-    assert none == 0 and len(ds_all) == len(MIXED)
+    assert none["dropped"] == 0 and len(ds_all) == len(MIXED)
+
+
+def test_trim_unfinished_cuts_at_the_last_sentence_and_drops_what_cannot_be_trimmed():
+    cut = _row(7, chosen_finished=False)
+    cut["chosen"] = [{"role": "assistant", "content": "Boil the water first and salt it well. Then add the pasta"}]
+    hopeless = _row(8, rejected_finished=False)
+    hopeless["rejected"] = [{"role": "assistant", "content": "an answer that never reaches the end of its sentence"}]
+    ds, counts = _pairs_dataset([_row(0), cut, hopeless], finished_only=True, trim=True)
+    assert counts == {"given": 3, "dropped": 1, "trimmed": 1}
+    assert [r["chosen"][0]["content"] for r in ds] == ["A clear and helpful answer 0.", "Boil the water first and salt it well."]
 
 
 def test_pairs_dataset_reads_files(tmp_path):
     f = tmp_path / "pairs.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in MIXED))
-    assert _pairs_dataset(f, finished_only=True)[1] == 3
-    assert _pairs_dataset(tmp_path, finished_only=True)[1] == 3  # a generate folder
+    assert _pairs_dataset(f, finished_only=True)[1]["dropped"] == 3
+    assert _pairs_dataset(tmp_path, finished_only=True)[1]["dropped"] == 3  # a generate folder
 
 
 def test_all_unfinished_is_a_clear_error(tiny_model_dir, tmp_path):
@@ -61,7 +71,7 @@ def test_finished_only_trains_on_the_finished_pairs(tiny_model_dir, tmp_path):
                 output_dir=tmp_path / "out", device="cpu", progress=False, log=said.append)
     cfg = json.loads((res.output_dir / "train_config.json").read_text())
     assert cfg["finished_only"] is True and cfg["n_pairs"] == 3 and cfg["n_unfinished_dropped"] == 3
-    assert any("3 finished pairs" in s and "3 with a response cut" in s for s in said), said
+    assert any("training on 3 of 6 pairs" in s and "3 left out" in s for s in said), said
 
 
 def test_finished_only_false_keeps_cut_pairs(tiny_model_dir, tmp_path):

@@ -57,7 +57,16 @@ from .selection import (
     select_threshold,
     select_top,
 )
-from .text import degeneration_stats, distinct_n, is_degenerate, jaccard, normalize_text, parse_verdict, shingles
+from .text import (
+    degeneration_stats,
+    distinct_n,
+    is_degenerate,
+    jaccard,
+    normalize_text,
+    parse_verdict,
+    shingles,
+    trim_to_sentence,
+)
 
 __all__ = [
     # bootstrap
@@ -77,4 +86,5 @@ __all__ = [
     "GammaChoice", "check_win_threshold", "choose_gammas", "effective_scores", "gamma_grid", "win_shares",
     # text
     "degeneration_stats", "distinct_n", "is_degenerate", "jaccard", "normalize_text", "parse_verdict", "shingles",
+    "trim_to_sentence",
 ]

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 
 __all__ = [
+    "trim_to_sentence",
     "distinct_n",
     "is_degenerate",
     "degeneration_stats",
@@ -140,3 +141,25 @@ def jaccard(a: AbstractSet[str], b: AbstractSet[str], *, shared: int | None = No
     inter = len(a & b) if shared is None else shared
     union = len(a) + len(b) - inter
     return inter / union if union else 0.0
+
+
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)|\n")
+
+
+def trim_to_sentence(text: str, *, min_share: float = 0.5) -> str | None:
+    """``text`` cut after its last complete sentence (or line), or ``None`` if that keeps less than
+    ``min_share`` of its characters. For responses cut at a token budget: trained with an end-of-turn
+    token appended, a trimmed response teaches stopping after a sentence rather than in the middle of one.
+
+    Examples:
+        >>> trim_to_sentence("The first step is easy. Then the second is to")
+        'The first step is easy.'
+        >>> trim_to_sentence("A long unfinished clause without a stop", min_share=0.5) is None
+        True
+    """
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    ends = [e for e in ends if text[:e].strip()]
+    if not ends:
+        return None
+    cut = text[:ends[-1]].rstrip()
+    return cut if len(cut) >= min_share * len(text.rstrip()) else None

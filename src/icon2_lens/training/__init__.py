@@ -82,7 +82,24 @@ def _is_finished(row: dict[str, Any]) -> bool:
     return row.get("chosen_finished", True) is not False and row.get("rejected_finished", True) is not False
 
 
-def _pairs_dataset(pairs: Any, *, finished_only: bool = False) -> tuple[datasets.Dataset, int]:
+def _trimmed(row: dict[str, Any]) -> dict[str, Any] | None:
+    """The row with each unfinished side cut after its last sentence, or ``None`` if a side cannot be."""
+    from ..math.text import trim_to_sentence
+
+    out = dict(row)
+    for side in ("chosen", "rejected"):
+        if row.get(f"{side}_finished", True) is False:
+            msgs = row[side]
+            text = msgs[-1]["content"] if isinstance(msgs, list) else str(msgs)
+            cut = trim_to_sentence(text)
+            if cut is None:
+                return None
+            out[side] = [*msgs[:-1], {**msgs[-1], "content": cut}] if isinstance(msgs, list) else cut
+    return out
+
+
+def _pairs_dataset(pairs: Any, *, finished_only: bool = False,
+                   trim: bool = False) -> tuple[datasets.Dataset, dict[str, int]]:
     from datasets import Dataset
 
     if isinstance(pairs, (str, os.PathLike)):
@@ -98,16 +115,24 @@ def _pairs_dataset(pairs: Any, *, finished_only: bool = False) -> tuple[datasets
     missing = {"prompt", "chosen", "rejected"} - set(rows[0])
     if missing:
         raise ValueError(f"The pairs lack {sorted(missing)}; pass the output of generate_pairs.")
-    dropped = 0
+    counts = {"given": len(rows), "dropped": 0, "trimmed": 0}
     if finished_only:
-        kept = [r for r in rows if _is_finished(r)]
-        dropped = len(rows) - len(kept)
+        kept = []
+        for r in rows:
+            if _is_finished(r):
+                kept.append(r)
+            elif trim and (t := _trimmed(r)) is not None:
+                kept.append(t)
+                counts["trimmed"] += 1
+        counts["dropped"] = len(rows) - len(kept)
         if not kept:
             raise ValueError(f"None of the {len(rows)} pairs has both responses finished (ended with the end-of-turn "
-                             "token); generate with a larger max_new_tokens, or train on cut responses with "
-                             "TrainConfig(finished_only=False) (CLI: --no-finished-only).")
+                             "token)" + (" or trimmable to a sentence end" if trim else "") + "; generate with a "
+                             "larger max_new_tokens, trim cut responses to their last sentence with "
+                             "TrainConfig(trim_unfinished=True) (CLI: --trim-unfinished), or train on cut responses "
+                             "with TrainConfig(finished_only=False) (CLI: --no-finished-only).")
         rows = kept
-    return Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]), dropped
+    return Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]), counts
 
 
 def train(
@@ -163,10 +188,11 @@ def train(
                          "TrainConfig(objective=..., preset=..., ...).")
     cfg = config.hyperparameters()
     out = check_output_folder(output_dir, overwrite=overwrite)
-    dataset, dropped = _pairs_dataset(pairs, finished_only=config.finished_only)
-    if dropped:
-        log(f"training on {len(dataset)} finished pairs; {dropped} with a response cut at the token budget "
-            "left out (finished_only)")
+    dataset, counts = _pairs_dataset(pairs, finished_only=config.finished_only, trim=config.trim_unfinished)
+    dropped = counts["dropped"]
+    if dropped or counts["trimmed"]:
+        log(f"training on {len(dataset)} of {counts['given']} pairs: {counts['trimmed']} with a response cut at the "
+            f"token budget trimmed to its last sentence, {dropped} left out (finished_only)")
     _, hf_path, model_id, _ = resolve_source(model_source)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     auto, reason = choose_precision(device)
@@ -205,7 +231,7 @@ def train(
         atomic_write_text(tmp / "train_config.json", json.dumps(
             {**dataclasses.asdict(config), **cfg, "precision": precision, "precision_asked": config.precision,
              "precision_reason": reason, "base_model": model_id, "n_pairs": len(dataset),
-             "n_unfinished_dropped": dropped, "steps": steps},
+             "n_unfinished_dropped": dropped, "n_unfinished_trimmed": counts["trimmed"], "steps": steps},
             indent=2))
     return TrainResult(output_dir=out, log_path=out / "train_log.jsonl", curve_path=out / "train_curve.png",
                        steps=steps, history=history)

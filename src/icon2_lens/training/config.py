@@ -64,6 +64,9 @@ class TrainConfig:
             ``chosen_finished`` / ``rejected_finished`` columns; rows without them count as finished). A
             response cut at the token budget would otherwise get TRL's end-of-turn token appended and teach
             the model to stop mid-sentence. The count dropped is logged and written to ``train_config.json``.
+        trim_unfinished: with ``finished_only``, cut an unfinished response after its last complete sentence
+            (`icon2_lens.math.trim_to_sentence`) instead of dropping its pair; a pair is still dropped when a
+            side would keep less than half its text. The count trimmed is logged and recorded too.
 
     Examples:
         >>> TrainConfig(learning_rate=1e-5).hyperparameters()["learning_rate"]
@@ -92,6 +95,7 @@ class TrainConfig:
     seed: int = 0
     simpo_gamma: float | None = None
     finished_only: bool = True
+    trim_unfinished: bool = False
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
