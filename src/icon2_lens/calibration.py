@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     import matplotlib.figure
 
 __all__ = ["calibrate_gamma", "calibration_sample", "CalibrationResult", "DEFAULT_GAMMAS_POS", "DEFAULT_GAMMAS_NEG",
-           "DEFAULT_N_BOOT", "ScorerName", "load_gammas"]
+           "DEFAULT_GRIDS", "DEFAULT_N_BOOT", "ScorerName", "load_gammas"]
 
 #: Named scorers: the independent reward probe (default) and the circular self-probe.
 ScorerName = Literal["reward-probe", "self-probe"]
@@ -74,6 +74,13 @@ STABILITY_WARNING_SHARE = 0.5
 #: The default grid (``scale="relative"``: fractions of the layer's mean residual norm at each layer).
 DEFAULT_GAMMAS_POS = (0.02, 0.05, 0.1, 0.2)
 DEFAULT_GAMMAS_NEG = (-0.02, -0.05, -0.1, -0.2)
+#: The default grid of each scale (gamma+ values, gamma- values): ``"contrast"`` in units of the criterion's
+#: projection gap (summed over the steering layers), ``"unit"`` in residual-stream units.
+DEFAULT_GRIDS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "relative": (DEFAULT_GAMMAS_POS, DEFAULT_GAMMAS_NEG),
+    "contrast": ((0.5, 1.0, 2.0, 4.0), (-0.5, -1.0, -2.0, -4.0)),
+    "unit": ((1.0, 2.0, 4.0, 8.0), (-1.0, -2.0, -4.0, -8.0)),
+}
 #: Share of degenerate responses at a gamma above which calibration warns that it breaks fluency.
 FLUENCY_WARNING_SHARE = 0.25
 
@@ -276,8 +283,8 @@ def calibrate_gamma(
     table: Any,
     *,
     n: int = 32,
-    gammas_pos: Sequence[float] = DEFAULT_GAMMAS_POS,
-    gammas_neg: Sequence[float] = DEFAULT_GAMMAS_NEG,
+    gammas_pos: Sequence[float] | None = None,
+    gammas_neg: Sequence[float] | None = None,
     scorer: Scorer | Judge | ScorerName | Any | None = None,
     win_threshold: float = 0.9,
     layers: Sequence[int] | range | None = None,
@@ -303,8 +310,8 @@ def calibrate_gamma(
             at random (seeded), in table order (`calibration_sample`).
         n: instructions (the paper: 100 suffice; 32 is the CPU default here). Fewer rows left after the
             exclusion is an error.
-        gammas_pos: the grid of chosen-side strengths.
-        gammas_neg: the grid of rejected-side strengths (each below every gamma+).
+        gammas_pos: the grid of chosen-side strengths (default: `DEFAULT_GRIDS` of ``scale``).
+        gammas_neg: the grid of rejected-side strengths, each below every gamma+ (default: `DEFAULT_GRIDS`).
         scorer: ``None`` / ``"reward-probe"`` (default: `icon2_lens.reward_probe.RewardProbeScorer` fitted
             on the built-in human-written response pairs at the steering layers; its accuracy on the
             held-out preference set is recorded), ``"self-probe"`` (`icon2_lens.judges.ProbeScorer`: the
@@ -335,7 +342,10 @@ def calibrate_gamma(
         >>> print(cal.table()); cal.save("runs/calibration")  # doctest: +SKIP
     """
     directions.check_compatible(model)
-    gp, gn = gamma_grid(gammas_pos, gammas_neg)
+    if scale not in DEFAULT_GRIDS:
+        raise ValueError(f"Unknown scale {scale!r}; use one of {sorted(DEFAULT_GRIDS)}.")
+    gp, gn = gamma_grid(DEFAULT_GRIDS[scale][0] if gammas_pos is None else gammas_pos,
+                        DEFAULT_GRIDS[scale][1] if gammas_neg is None else gammas_neg)
     if n < 1 or max_new_tokens < 1:
         raise ValueError(f"n and max_new_tokens must be positive (got n={n}, max_new_tokens={max_new_tokens}).")
     if n_boot < 0:

@@ -124,7 +124,7 @@ class PairsConfig:
             the layer's mean residual norm, added at every steering layer).
         gamma_neg: strength of the rejected side, below ``gamma_pos``.
         layers: ``"suggested"`` (the layer report's range), ``"all"``, or layer ids.
-        scale: ``"relative"`` or ``"unit"``; see `icon2_lens.steer`.
+        scale: ``"relative"``, ``"unit"`` or ``"contrast"``; see `icon2_lens.steer`.
         positions: ``"all"`` or ``"generated"``; see `icon2_lens.steer`.
         criterion: steer every row along this criterion instead of the table's.
         max_new_tokens: token budget per response.

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..calibration import DEFAULT_GAMMAS_NEG, DEFAULT_GAMMAS_POS, DEFAULT_N_BOOT, calibrate_gamma, calibration_sample
+from ..calibration import DEFAULT_GRIDS, DEFAULT_N_BOOT, calibrate_gamma, calibration_sample
 from ..directions import DirectionSet
 from ..instructions import load_instructions
 from ..judges import PairwiseJudge, RewardModelScorer
@@ -39,10 +39,12 @@ def calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=32,
                    help="instructions in the sweep: a seeded random sample of the table's rows that are not training "
                         "rows (a score folder's scores.jsonl without its selected.jsonl rows, or --exclude)")
-    p.add_argument("--gammas-pos", default=",".join(map(str, DEFAULT_GAMMAS_POS)),
-                   help="comma-separated grid of gamma+")
-    p.add_argument("--gammas-neg", default=",".join(map(str, DEFAULT_GAMMAS_NEG)),
-                   help="comma-separated grid of gamma-")
+    p.add_argument("--gammas-pos", default=None,
+                   help="comma-separated grid of gamma+ (default: the scale's grid, "
+                        + "; ".join(f"{k}: {','.join(map(str, v[0]))}" for k, v in DEFAULT_GRIDS.items()) + ")")
+    p.add_argument("--gammas-neg", default=None,
+                   help="comma-separated grid of gamma- (default: the scale's grid, "
+                        + "; ".join(f"{k}: {','.join(map(str, v[1]))}" for k, v in DEFAULT_GRIDS.items()) + ")")
     p.add_argument("--scorer", choices=("reward-probe", "self-probe", "judge"), default="reward-probe",
                    help="'reward-probe' (default: a linear probe fitted on human-written better/worse answers, its "
                         "held-out preference accuracy reported), 'self-probe' (the model's reading along the steering "
@@ -66,8 +68,10 @@ def calibrate_command(args: argparse.Namespace, cfg: PairsConfig) -> list[Path]:
     dirs = DirectionSet.load(args.directions)
     layers = scoring_layers(dirs, cfg.layers)
     try:
-        gp = [float(x) for x in args.gammas_pos.split(",") if x.strip()]
-        gn = [float(x) for x in args.gammas_neg.split(",") if x.strip()]
+        gp = DEFAULT_GRIDS[cfg.scale][0] if args.gammas_pos is None else [
+            float(x) for x in args.gammas_pos.split(",") if x.strip()]
+        gn = DEFAULT_GRIDS[cfg.scale][1] if args.gammas_neg is None else [
+            float(x) for x in args.gammas_neg.split(",") if x.strip()]
     except ValueError:
         raise ValueError("--gammas-pos/--gammas-neg must be comma-separated numbers, e.g. 0.05,0.1") from None
     exclude = load_instructions(args.exclude) if args.exclude is not None else None
