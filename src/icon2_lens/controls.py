@@ -6,9 +6,9 @@ An effect of training on Icon2 pairs counts only next to the nulls that should r
   real pairs helps, training on the swapped ones should hurt by about as much: it shows the measure
   sees the direction of the data at all.
 * **random** (`random_directions`): pairs generated exactly as the real ones (same instructions,
-  gammas, layers, scale, decoding, seed) but steered along a random direction: one seeded random unit
-  vector per criterion, the same at every layer, scaled so that each layer's added vector has the norm
-  the real direction's would have (the DirectionSet's statistics are kept). It separates what the
+  gammas, layers, scale, decoding, seed) but steered along random directions: the real directions turned
+  by one seeded random rotation, so each layer's added vector has the norm the real one would have and the
+  pushes of successive layers add up as they do for the real directions. It separates what the
   criterion direction adds from what any push of that size does to the text (length, fluency).
 
 `make_controls` generates and trains them beside a run; `icon2_lens.evaluate` evaluates them next to
@@ -18,8 +18,10 @@ the trained model (``controls=``) with the judge-free preference margin of `icon
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,19 +99,22 @@ def swap_pairs(pairs: Any) -> list[dict[str, Any]]:
 
 
 def random_directions(directions: DirectionSet, *, seed: int = 0) -> DirectionSet:
-    """A copy of ``directions`` whose vectors are random: one seeded unit vector per criterion, the same
-    at every layer; the statistics (residual norms, projection gaps) are kept, so every steering scale
-    adds a vector of the same norm per layer as with the real direction.
+    """A copy of ``directions`` turned by one seeded random rotation of the residual space: every vector
+    ``u[c, l]`` becomes ``Q u[c, l]`` for the same orthogonal ``Q``. Norms, the cosines between layers (so
+    how the per-layer pushes add up) and between criteria are kept exactly, while the directions point
+    nowhere in particular; the statistics (residual norms, projection gaps) are kept too, so every steering
+    scale adds vectors of the same norms as with the real directions.
 
     Examples:
         >>> rnd = random_directions(dirs, seed=0)  # doctest: +SKIP
         >>> float(rnd.vectors[0, 3].norm())  # doctest: +SKIP
         1.0
     """
-    n_crit, n_layer, d = directions.vectors.shape
+    d = directions.vectors.shape[-1]
     gen = torch.Generator().manual_seed(seed)
-    v = torch.randn(n_crit, 1, d, generator=gen, dtype=torch.float32)
-    v = (v / v.norm(dim=-1, keepdim=True)).expand(n_crit, n_layer, d).clone()
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))  # Haar-distributed
+    v = (directions.vectors.double() @ q.T).to(directions.vectors.dtype)
     meta = {**directions.meta, "control": "random", "control_seed": seed}
     return dataclasses.replace(directions, vectors=v, meta=meta)
 
@@ -132,7 +137,8 @@ def make_controls(
     Each control goes to ``out/<kind>/``: ``pairs.jsonl`` (the control's pairs) and ``model/`` (trained
     with ``train_config``, exactly as the real pairs were). ``random`` regenerates the pairs' instructions
     with ``pairs_config`` (the settings the real pairs were made with) along `random_directions`. A control
-    whose model folder exists is kept (a rerun resumes); generation resumes batch by batch.
+    already built from the same pairs and settings (``<kind>/control.json`` holds a hash of them) is kept, so
+    a rerun resumes; one built from other pairs or settings is rebuilt. Generation resumes batch by batch.
 
     Args:
         model: the base model (generates the random-direction pairs).
@@ -165,9 +171,18 @@ def make_controls(
     for kind in cfg.kinds:
         folder = root / kind
         target = folder / "model"
-        if (target / "config.json").is_file():
-            result[kind] = target
+        recipe = json.dumps({"kind": kind, "pairs": [[r.get("instruction"), r.get("criterion"), r["chosen"],
+                                                      r["rejected"]] for r in rows],
+                             "pairs_config": dataclasses.asdict(pcfg), "train_config": dataclasses.asdict(tcfg),
+                             "direction_seed": cfg.direction_seed, "seed": seed}, sort_keys=True, default=str)
+        digest = hashlib.sha256(recipe.encode("utf-8")).hexdigest()
+        stamp = folder / "control.json"
+        if (target / "config.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()).get(
+                "sha256") == digest:
+            result[kind] = target  # built earlier from the same pairs and settings
             continue
+        if stamp.is_file():  # built from other pairs or settings: start this control afresh
+            shutil.rmtree(folder)  # (an interrupted build has no stamp: its generation resumes batch by batch)
         folder.mkdir(parents=True, exist_ok=True)
         if kind == "swapped":
             ctrl = swap_pairs(rows)
@@ -183,6 +198,7 @@ def make_controls(
                                                                  else model.info.hf_path)
         train(ctrl, config=tcfg, model_source=source, output_dir=target, device=model.device.type,
               overwrite=True, progress=progress)
+        atomic_write_text(stamp, json.dumps({"sha256": digest, "kind": kind, "direction_seed": cfg.direction_seed}))
         result[kind] = target
     return result
 
@@ -191,7 +207,8 @@ def _pairs_config_of(rows: Sequence[dict[str, Any]]) -> PairsConfig:
     """The `PairsConfig` recorded in the pairs' settings columns (defaults where a column is missing)."""
     first = rows[0]
     fields = {f.name for f in dataclasses.fields(PairsConfig)}
-    given = {k: first[k] for k in fields if k in first and first[k] is not None}
+    # ``criterion`` is a whole-table override in PairsConfig; the rows' own criteria are what the pairs used
+    given = {k: first[k] for k in fields - {"criterion"} if k in first and first[k] is not None}
     if "layers" in given and isinstance(given["layers"], list) and not given["layers"]:
         given.pop("layers")
     return PairsConfig(**given)

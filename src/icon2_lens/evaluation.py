@@ -198,7 +198,7 @@ def evaluate(
     directions: DirectionSet | None = None,
     instructions: Sequence[str] | None = None,
     *,
-    preference_set: str | os.PathLike[str] | Sequence[PreferencePair] | None = None,
+    preference_set: str | os.PathLike[str] | Sequence[PreferencePair] | Sequence[Mapping[str, Any]] | None = None,
     controls: Mapping[str, LoadedModel] | None = None,
     judge: Any | None = None,
     layers: Sequence[int] | None = None,
@@ -265,10 +265,12 @@ def evaluate(
 
     if out is not None:
         check_output_folder(out, overwrite=overwrite)
-    if isinstance(preference_set, (str, os.PathLike)) or preference_set is None:
+    if preference_set is None or isinstance(preference_set, (str, os.PathLike)):
         pref_pairs = load_preference_set(preference_set)
-    else:
-        pref_pairs = list(preference_set)
+    else:  # PreferencePair objects as given; plain dicts validated like a file's lines
+        items: list[Any] = list(preference_set)
+        pref_pairs = [p if isinstance(p, PreferencePair) else load_preference_set([dict(p)], split="all")[0]
+                      for p in items]
     instructions = list(instructions) if instructions is not None else []
     if directions is not None:
         directions.check_compatible(base)

@@ -53,11 +53,14 @@ __all__ = [
     "model_contrasts",
     "evaluate_preferences",
     "check_held_out",
+    "MIN_PAIRS_FOR_INTERVAL",
 ]
 
 #: Which part of the shipped set: ``"test"`` (report), ``"dev"`` (choose settings) or ``"all"``.
 Split = Literal["test", "dev", "all"]
 _SHIPPED = ("helpful", "honest", "harmless")
+#: Below this many pairs a bootstrap interval is too rough to call two models distinguishable.
+MIN_PAIRS_FOR_INTERVAL = 8
 
 
 @dataclass(frozen=True)
@@ -307,6 +310,9 @@ def model_contrasts(logprobs: Mapping[str, PairLogprobs], pairs: Sequence[Prefer
 
     An effect claimed for the subject (the model trained on the real pairs) is only an effect where
     the interval of ``subject - control`` excludes zero for its controls (swapped pairs, random direction).
+    Each cell has the `Interval` fields, ``distinguishable`` (the interval excludes zero and there are at
+    least `MIN_PAIRS_FOR_INTERVAL` pairs) and ``direction``: ``"above"`` / ``"below"`` (the subject's margin
+    is above / below the control's), ``"not distinguishable"`` or ``"too few pairs"``.
 
     Examples:
         >>> t = torch.tensor
@@ -325,7 +331,10 @@ def model_contrasts(logprobs: Mapping[str, PairLogprobs], pairs: Sequence[Prefer
             ix = torch.tensor(idx)
             d = paired_difference(logprobs[subject].margin[ix], logprobs[c].margin[ix], n_boot=n_boot, level=level,
                                   seed=seed)
-            out[c][crit] = {**d.to_dict(), "distinguishable": d.excludes_zero}
+            enough = d.n >= MIN_PAIRS_FOR_INTERVAL
+            out[c][crit] = {**d.to_dict(), "distinguishable": bool(enough and d.excludes_zero),
+                            "direction": ("too few pairs" if not enough else "not distinguishable"
+                                          if not d.excludes_zero else "above" if d.mean > 0 else "below")}
     return out
 
 

@@ -85,8 +85,14 @@ def preference_markdown(p: Mapping[str, Any]) -> list[str]:
                   "| control | criterion | n | difference [CI] | distinguishable |", "|---|---|---|---|---|"]
         for ctrl, cells in con["controls"].items():
             for crit, d in cells.items():
+                verdict = {"above": f"yes: {con['subject']} above the control",
+                           "below": f"yes: {con['subject']} **below** the control (reversed)",
+                           "too few pairs": "no: too few pairs for an interval"}.get(
+                    d.get("direction", ""), "no: not distinguishable at this size")
+                if "direction" not in d and d["distinguishable"]:
+                    verdict = "yes"
                 lines.append(f"| {ctrl} | {crit} | {d['n']} | {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] | "
-                             f"{'yes' if d['distinguishable'] else 'no: not distinguishable at this size'} |")
+                             f"{verdict} |")
     return lines
 
 
@@ -109,7 +115,10 @@ def evaluation_markdown(m: Mapping[str, Any]) -> str:
         if j.get("first_position_share") is not None:
             lines += [f"The judge picked the response shown first in {j['first_position_share']:.2f} of its "
                       f"{2 * j['n']} verdicts (0.5: no position bias)."
-                      + (f" **{j['note']}**: its verdicts are not evidence either way." if j.get("note") else ""), ""]
+                      + (f" **{j['note']}**: its verdicts are not evidence either way."
+                         if j.get("able_to_judge") is False else f" {j['note']}." if j.get("note") else ""), ""]
+        elif j.get("note"):
+            lines += [j["note"], ""]
     if "degeneration" in m:
         lines += ["## Degeneration", "", "| model | distinct-1 | distinct-2 | repetition | degenerate | mean words |",
                   "|---|---|---|---|---|---|"]

@@ -286,13 +286,24 @@ def test_a_set_without_criteria_has_only_all():
     assert list(m["models"]["base"]) == ["all"]
 
 
+PAIRS8 = [PreferencePair(f"q{i}", "a", "b", "helpful") for i in range(8)]
+
+
 def test_model_contrasts_distinguishable():
     con = model_contrasts({"trained": TRAINED, "swapped": SWAPPED, "same": TRAINED}, PAIRS, subject="trained",
                           controls=["swapped", "same"], n_boot=200)
     assert set(con) == {"swapped", "same"}
     s = con["swapped"]["all"]
     # per pair: 3, 2, 2, 1 -> mean 2, all positive
-    assert s["mean"] == pytest.approx(2.0) and s["n"] == 4 and s["low"] > 0 and s["distinguishable"] is True
+    assert s["mean"] == pytest.approx(2.0) and s["n"] == 4 and s["low"] > 0
+    # 4 pairs are too few to call it: MIN_PAIRS_FOR_INTERVAL
+    assert s["distinguishable"] is False and s["direction"] == "too few pairs"
+    big = model_contrasts({"trained": _lp([-1.0] * 8, [-4.0] * 8, (1.0,) * 8, (1.0,) * 8), "swapped": _lp([-4.0] * 8, [-1.0] * 8, (1.0,) * 8, (1.0,) * 8)},
+                          PAIRS8, subject="trained", controls=["swapped"], n_boot=200)["swapped"]["all"]
+    assert big["distinguishable"] is True and big["direction"] == "above"
+    rev = model_contrasts({"trained": _lp([-4.0] * 8, [-1.0] * 8, (1.0,) * 8, (1.0,) * 8), "swapped": _lp([-1.0] * 8, [-4.0] * 8, (1.0,) * 8, (1.0,) * 8)},
+                          PAIRS8, subject="trained", controls=["swapped"], n_boot=200)["swapped"]["all"]
+    assert rev["distinguishable"] is True and rev["direction"] == "below"
     assert con["swapped"]["helpful"]["mean"] == pytest.approx(2.5)
     same = con["same"]["all"]
     assert (same["mean"], same["low"], same["high"]) == (0.0, 0.0, 0.0) and same["distinguishable"] is False
@@ -327,7 +338,7 @@ def test_preference_markdown_renders_every_model_criterion_and_contrast():
     assert "### trained against its controls" in text
     for crit in ("all", "helpful", "honest"):
         assert re.search(rf"^\| swapped \| {crit} \| \d+ \| [+-]\d\.\d{{4}} \[.*\] \| (yes|no: .*) \|$", text, re.M)
-    assert re.search(r"^\| swapped \| all \| 4 \| \+2\.0000 .* \| yes \|$", text, re.M)
+    assert re.search(r"^\| swapped \| all \| 4 \| \+2\.0000 .* \| no: too few pairs for an interval \|$", text, re.M)
     # without contrasts: no contrast section
     p.pop("contrasts")
     assert "against its controls" not in "\n".join(preference_markdown(p))

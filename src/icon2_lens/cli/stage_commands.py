@@ -312,6 +312,7 @@ def controls_args(p: argparse.ArgumentParser) -> None:
                    help="the model trained on the real pairs (its train_config.json gives the controls' training "
                         "settings; default: TrainConfig's defaults)")
     p.add_argument("--out", required=True, type=Path, help="output folder: <kind>/pairs.jsonl and <kind>/model")
+    p.add_argument("--seed", type=int, default=0, help="the generation seed the real pairs were made with")
 
 
 def controls_command(args: argparse.Namespace, cfg: ControlsConfig) -> list[Path]:
@@ -326,8 +327,8 @@ def controls_command(args: argparse.Namespace, cfg: ControlsConfig) -> list[Path
         tcfg = TrainConfig(**{f.name: saved[f.name] for f in dataclasses.fields(TrainConfig) if f.name in saved})
     dirs = DirectionSet.load(args.directions)
     model = load(args)
-    paths = make_controls(model, dirs, args.pairs, cfg, train_config=tcfg, model_source=args.model, out=args.out,
-                          progress=not args.no_progress)
+    paths = make_controls(model, dirs, args.pairs, cfg, train_config=tcfg, model_source=args.model, seed=args.seed,
+                          out=args.out, progress=not args.no_progress)
     for kind, p in paths.items():
         print(f"{kind}: {p}")
     return list(paths.values())
@@ -346,6 +347,10 @@ def evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--judge-model", default=None, help="the model name sent to a judge endpoint (default 'local')")
     p.add_argument("--controls", default=None, type=Path,
                    help="a `controls` output folder: its models are evaluated beside the trained one")
+    p.add_argument("--pairs", default=None, type=Path,
+                   help="the pairs the model was trained on (a `generate` folder or pairs.jsonl): a warning names "
+                        "held-out instructions or preference prompts among them")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals")
     p.add_argument("--out", required=True, type=Path,
                    help="output folder: report.md, metrics.json, PNG, AlpacaEval JSON")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -370,9 +375,14 @@ def evaluate_command(args: argparse.Namespace, cfg: EvaluateConfig) -> list[Path
     base = load(args)
     trained = load_model(args.trained, device=args.device, dtype=getattr(torch, args.dtype))
     judge = make_judge(args.judge, endpoint_model=args.judge_model, device=args.device) if args.judge else None
+    trained_on = None
+    if args.pairs is not None:
+        trained_on = [r["instruction"] for r in table_rows(args.pairs if args.pairs.suffix == ".jsonl"
+                                                           else args.pairs / names.PAIRS, None, dirs)]
     evaluate(base, trained, dirs, instructions, preference_set=pref, controls=controls, judge=judge,
-             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, n_boot=cfg.n_boot, level=cfg.level,
-             out=args.out, overwrite=args.overwrite, progress=not args.no_progress)
+             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, training_instructions=trained_on,
+             n_boot=cfg.n_boot, level=cfg.level, seed=args.seed, out=args.out, overwrite=args.overwrite,
+             progress=not args.no_progress)
     print((args.out / names.EVAL_REPORT).read_text())
     written = [args.out / n for n in (names.EVAL_REPORT, names.METRICS, "preference.png")]
     if instructions:

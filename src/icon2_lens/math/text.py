@@ -144,22 +144,29 @@ def jaccard(a: AbstractSet[str], b: AbstractSet[str], *, shared: int | None = No
 
 
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)|\n")
+#: What may not end a kept text: a list marker ("2.", "b)"), a one-letter or common abbreviation, a colon.
+_BAD_END = re.compile(r"(?:^|\s)(?:\d+[.)]|[A-Za-z][.)]|e\.g\.|i\.e\.|etc\.|vs\.|Dr\.|Mr\.|Mrs\.|Ms\.|St\.|No\.)$"
+                      r"|[:;,]$")
 
 
 def trim_to_sentence(text: str, *, min_share: float = 0.5) -> str | None:
     """``text`` cut after its last complete sentence (or line), or ``None`` if that keeps less than
     ``min_share`` of its characters. For responses cut at a token budget: trained with an end-of-turn
     token appended, a trimmed response teaches stopping after a sentence rather than in the middle of one.
+    A cut is never made after a list marker (``2.``), an abbreviation (``e.g.``) or a colon.
 
     Examples:
         >>> trim_to_sentence("The first step is easy. Then the second is to")
         'The first step is easy.'
+        >>> trim_to_sentence("Mix the flour and the water well.\\n2. Knead the")
+        'Mix the flour and the water well.'
         >>> trim_to_sentence("A long unfinished clause without a stop", min_share=0.5) is None
         True
     """
-    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
-    ends = [e for e in ends if text[:e].strip()]
-    if not ends:
-        return None
-    cut = text[:ends[-1]].rstrip()
-    return cut if len(cut) >= min_share * len(text.rstrip()) else None
+    for m in reversed(list(_SENTENCE_END.finditer(text))):
+        cut = text[:m.end()].rstrip()
+        if len(cut) < min_share * len(text.rstrip()):
+            return None
+        if cut and not _BAD_END.search(cut):
+            return cut
+    return None

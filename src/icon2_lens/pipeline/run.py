@@ -1,4 +1,5 @@
-"""The whole method as one resumable run: extract -> layers -> synthesize -> score -> generate -> train -> evaluate.
+"""The whole method as one resumable run: extract -> layers -> synthesize -> score -> generate -> train -> controls
+-> evaluate.
 
 A run directory holds ``config.yaml`` (the validated config), one folder per stage, ``manifest.json``
 and, at the end, ``report.md``. Each stage has a key: a hash of its own settings, the model
@@ -60,7 +61,7 @@ def stage_keys(config: Any, stages: Mapping[str, StageSpec] | None = None) -> di
     Examples:
         >>> a = stage_keys(RunConfig()); b = stage_keys(RunConfig.model_validate({"train": {"beta": 0.2}}))
         >>> [s for s in a if a[s] != b[s]]
-        ['train', 'evaluate']
+        ['train', 'controls', 'evaluate']
     """
     cfg = config.to_dict()
     model = {"model": cfg["model"], "dtype": cfg["dtype"], "seed": cfg["seed"]}

@@ -116,7 +116,7 @@ def _pairs_dataset(pairs: Any, *, finished_only: bool = False,
     if missing:
         raise ValueError(f"The pairs lack {sorted(missing)}; pass the output of generate_pairs.")
     counts = {"given": len(rows), "dropped": 0, "trimmed": 0}
-    if finished_only:
+    if finished_only or trim:
         kept = []
         for r in rows:
             if _is_finished(r):
@@ -124,6 +124,8 @@ def _pairs_dataset(pairs: Any, *, finished_only: bool = False,
             elif trim and (t := _trimmed(r)) is not None:
                 kept.append(t)
                 counts["trimmed"] += 1
+            elif not finished_only:
+                kept.append(r)  # cannot be trimmed: kept as cut, as finished_only=False asks
         counts["dropped"] = len(rows) - len(kept)
         if not kept:
             raise ValueError(f"None of the {len(rows)} pairs has both responses finished (ended with the end-of-turn "

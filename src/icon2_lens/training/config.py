@@ -64,9 +64,10 @@ class TrainConfig:
             ``chosen_finished`` / ``rejected_finished`` columns; rows without them count as finished). A
             response cut at the token budget would otherwise get TRL's end-of-turn token appended and teach
             the model to stop mid-sentence. The count dropped is logged and written to ``train_config.json``.
-        trim_unfinished: with ``finished_only``, cut an unfinished response after its last complete sentence
-            (`icon2_lens.math.trim_to_sentence`) instead of dropping its pair; a pair is still dropped when a
-            side would keep less than half its text. The count trimmed is logged and recorded too.
+        trim_unfinished: cut an unfinished response after its last complete sentence
+            (`icon2_lens.math.trim_to_sentence`) instead of dropping its pair; when a side cannot be trimmed (it
+            would keep less than half its text) the pair is dropped with ``finished_only``, kept as cut without.
+            The count trimmed is logged and recorded too.
 
     Examples:
         >>> TrainConfig(learning_rate=1e-5).hyperparameters()["learning_rate"]
