@@ -91,9 +91,9 @@ def test_changed_setting_reruns_exactly_the_downstream_stages(finished_run, talk
     out = tmp_path / "run"
     shutil.copytree(src, out)
     changed = _config(talker_dir, instructions_file, generate={"gamma_pos": 0.2})
-    with pytest.raises(ValueError, match=r"different config \(generate\.gamma_pos: 0\.07 -> 0\.2\)"):
+    with pytest.raises(ValueError, match=r"different config \(generate\.gamma_pos: 1\.0 -> 0\.2\)"):
         run_pipeline(changed, out=out, progress=False, log=None)
-    assert yaml.safe_load((out / "config.yaml").read_text())["generate"]["gamma_pos"] == 0.07  # untouched
+    assert yaml.safe_load((out / "config.yaml").read_text())["generate"]["gamma_pos"] == 1.0  # untouched
     res = run_pipeline(changed, out=out, update=True, progress=False, log=None)
     assert res.ran == ["generate", "train", "controls", "evaluate"]
     assert res.skipped == ["extract", "layers", "synthesize", "score"]
