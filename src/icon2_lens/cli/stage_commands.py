@@ -324,6 +324,7 @@ def controls_command(args: argparse.Namespace, cfg: ControlsConfig) -> list[Path
             raise FileNotFoundError(f"{path} does not exist; pass the folder `icon2-lens train` wrote, or leave "
                                     "--trained out to train the controls with the default settings.")
         saved = json.loads(path.read_text())
+        saved["precision"] = saved.get("precision_asked", saved.get("precision", "auto"))  # not the resolved one
         tcfg = TrainConfig(**{f.name: saved[f.name] for f in dataclasses.fields(TrainConfig) if f.name in saved})
     dirs = DirectionSet.load(args.directions)
     model = load(args)
