@@ -630,7 +630,7 @@ def test_cli_calibrate_then_generate(tiny_model, tiny_model_dir, dirs_dir, score
     # the CLI equals the library call (default scorer: the reward probe at the steering layers)
     ref = calibrate_gamma(tiny_model, il.DirectionSet.load(dirs_dir), [json.loads(x) for x in
                           scored.read_text().splitlines()], n=2, gammas_pos=[0.05, 0.1], gammas_neg=[-0.05],
-                          layers=[0, 1, 2, 3], max_new_tokens=4, progress=False)
+                          layers=[0, 1, 2, 3], scale=il.PairsConfig().scale, max_new_tokens=4, progress=False)
     assert (ref.gamma_pos, ref.gamma_neg) == (data["gamma_pos"], data["gamma_neg"])
     assert [r["mean_score"] for r in ref.per_gamma] == pytest.approx([r["mean_score"] for r in data["per_gamma"]],
                                                                      abs=1e-4)

@@ -39,7 +39,8 @@ def test_toy_method_runs_in_the_pipeline_from_one_registry_entry(talker_dir, tmp
     stages["toy"] = toy_method.SPEC  # the registration
     cfg = {"model": str(talker_dir), "extract": {"n_instructions": 6, "batch_size": 16},
            "layers": {"n_heldout": 4, "n_paraphrase_instructions": 1, "batch_size": 16},
-           "synthesize": {"source": str(listing)}, "score": {"top_k": 3}, "toy": {"max_new_tokens": 4}}
+           "synthesize": {"source": str(listing)}, "toy": {"max_new_tokens": 4},
+           "score": {"top_k": 3, "allow_invalid": True}}  # a random tiny model has no valid criterion
     res = run_pipeline(cfg, out=tmp_path / "run", stages=stages, progress=False, log=None)
     assert res.ran == [*order[:order.index("score") + 1], "toy"]
     pairs = [json.loads(x) for x in (tmp_path / "run" / "toy" / "pairs.jsonl").read_text().splitlines()]
