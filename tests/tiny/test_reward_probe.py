@@ -143,11 +143,7 @@ def test_accuracy_counts_pairs_where_chosen_scores_higher(probe):
 
 
 def test_accuracy_on_the_shipped_preference_set(probe):
-    preference = pytest.importorskip("icon2_lens.preference")
-    try:
-        pairs = preference.load_preference_set(split="test")
-    except (OSError, ValueError):
-        pytest.skip("the shipped preference set is not there")
+    pairs = il.load_preference_set(split="test")  # shipped with the package: a missing set is a failure
     acc = probe.accuracy(pairs)
     assert acc["n"] == len(pairs) and sum(v["n"] for v in acc["per_criterion"].values()) == len(pairs)
 
