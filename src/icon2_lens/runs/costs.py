@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,9 @@ class StageCost:
         peak_cuda_mib: peak CUDA memory allocated during the block (``None`` on CPU).
         rows: rows the stage produced (set by the caller, e.g. kept instructions or pairs).
         device: the device of the first watched model.
+        phases: the same token, pass and wall-time figures split by named phase (`CostMeter.phase`), e.g.
+            ``{"generation": {...}, "labelling": {...}}`` as the Icon2 paper's Table 4 splits them; work outside
+            every phase counts only in the totals.
     """
 
     stage: str
@@ -72,6 +75,7 @@ class StageCost:
     peak_cuda_mib: float | None = None
     rows: int | None = None
     device: str = "cpu"
+    phases: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -140,6 +144,37 @@ class CostMeter:
         self.costs = StageCost(stage=stage)
         self._handles: list[Any] = []
         self._watched: set[int] = set()
+        self._phase: dict[str, float] | None = None
+
+    def _count(self, key: str, n: int) -> None:
+        setattr(self.costs, key, getattr(self.costs, key) + n)
+        if self._phase is not None:
+            self._phase[key] += n
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Count the block's tokens, passes and wall time also under ``costs.phases[name]`` (summed over blocks).
+
+        Phases do not nest: a block inside another phase's block is an error.
+
+        Examples:
+            >>> with il.measure_costs("sampling_ranking", model) as meter:  # doctest: +SKIP
+            ...     with meter.phase("generation"):
+            ...         samples = eng.generate(prompts, decoding)
+            ...     with meter.phase("labelling"):
+            ...         scores = scorer(instructions, texts, criteria)
+        """
+        if self._phase is not None:
+            raise RuntimeError(f"Phase {name!r} started inside another phase; phases do not nest.")
+        keys = ("prompt_tokens", "generated_tokens", "forward_passes", "wall_seconds")
+        bucket = self.costs.phases.setdefault(name, dict.fromkeys(keys, 0))
+        self._phase = bucket
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            bucket["wall_seconds"] = round(bucket["wall_seconds"] + time.perf_counter() - t0, 3)
+            self._phase = None
 
     def watch(self, module: torch.nn.Module, *, stop_ids: Iterable[int] = ()) -> None:
         """Count the forward calls of ``module`` (a top-level model) until the block ends.
@@ -153,11 +188,11 @@ class CostMeter:
             return
         self._watched.add(id(module))
         stops = torch.tensor(sorted({int(i) for i in stop_ids if i is not None}), dtype=torch.long)
-        costs = self.costs
+        count = self._count
 
         def hook(mod: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             ids = _ids_of(args, kwargs)
-            costs.forward_passes += 1
+            count("forward_passes", 1)
             if ids is None:
                 return
             mask = kwargs.get("attention_mask")
@@ -165,14 +200,14 @@ class CostMeter:
             cached = _cached_length(kwargs.get("cache", kwargs.get("past_key_values")))
             if cached:  # a decoding step: the rows still running produce one token each
                 last = ids[:, -1].cpu()
-                costs.generated_tokens += int((~torch.isin(last, stops)).sum()) if len(stops) else ids.shape[0]
+                count("generated_tokens", int((~torch.isin(last, stops)).sum()) if len(stops) else ids.shape[0])
                 return
             if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
-                costs.prompt_tokens += int(mask.sum())
+                count("prompt_tokens", int(mask.sum()))
             else:
-                costs.prompt_tokens += ids.numel()
+                count("prompt_tokens", ids.numel())
             if cached == 0:  # a generation prefill (an empty cache was passed): one token per row
-                costs.generated_tokens += ids.shape[0]
+                count("generated_tokens", ids.shape[0])
 
         self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 

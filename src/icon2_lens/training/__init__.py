@@ -115,7 +115,12 @@ def _pairs_dataset(pairs: Any, *, finished_only: bool = False,
     missing = {"prompt", "chosen", "rejected"} - set(rows[0])
     if missing:
         raise ValueError(f"The pairs lack {sorted(missing)}; pass the output of generate_pairs.")
-    counts = {"given": len(rows), "dropped": 0, "trimmed": 0}
+    not_pairs = sum(1 for r in rows if r.get("kept") is False)  # a method's row that gave no pair (e.g. a tie)
+    rows = [r for r in rows if r.get("kept") is not False]
+    if not rows:
+        raise ValueError(f"None of the {not_pairs} rows is a kept pair (every row has kept: false, e.g. the judge "
+                         "could not decide); make pairs for more instructions.")
+    counts = {"given": len(rows) + not_pairs, "not_pairs": not_pairs, "dropped": 0, "trimmed": 0}
     if finished_only or trim:
         kept = []
         for r in rows:
@@ -233,7 +238,8 @@ def train(
         atomic_write_text(tmp / "train_config.json", json.dumps(
             {**dataclasses.asdict(config), **cfg, "precision": precision, "precision_asked": config.precision,
              "precision_reason": reason, "base_model": model_id, "n_pairs": len(dataset),
-             "n_unfinished_dropped": dropped, "n_unfinished_trimmed": counts["trimmed"], "steps": steps},
+             "n_unfinished_dropped": dropped, "n_unfinished_trimmed": counts["trimmed"],
+             "n_not_pairs": counts["not_pairs"], "steps": steps},
             indent=2))
     return TrainResult(output_dir=out, log_path=out / "train_log.jsonl", curve_path=out / "train_curve.png",
                        steps=steps, history=history)
