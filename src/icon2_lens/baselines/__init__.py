@@ -140,7 +140,7 @@ def make_pairs(
     spec = _spec(method)
     if config is not None and not isinstance(config, spec.config):
         raise TypeError(f"{method} takes a {spec.config.__name__}, got a {type(config).__name__}.")
-    cfg = config if config is not None else method_config(method, settings)
+    cfg: Any = config if config is not None else method_config(method, settings)
     if config is not None and settings:
         cfg = replace(cfg, **settings)
     rows = spec.make_pairs(model, instructions, cfg, seed=seed, out=out, shard=shard, progress=progress, meter=meter)

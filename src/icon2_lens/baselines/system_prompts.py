@@ -87,7 +87,7 @@ def make_pairs(
     cfg = config or SystemPromptsConfig()
     crits = {c.name: c for c in (criteria or resolve_criteria(None))}
     rows = [InstructionRow(r.instruction, r.criterion or cfg.criterion) for r in instruction_rows(instructions)]
-    unknown = sorted({r.criterion for r in rows if r.criterion not in crits})
+    unknown = sorted({str(r.criterion) for r in rows if r.criterion not in crits})
     if unknown:
         raise ValueError(f"Criteria {unknown} have no system prompts here (known: {sorted(crits)}); pass "
                          "criteria=[Criterion(...)] for custom ones.")
