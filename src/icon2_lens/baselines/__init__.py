@@ -134,9 +134,9 @@ def make_pairs(
     if method == "icon2":
         if directions is None:
             raise ValueError("method 'icon2' steers along a DirectionSet; pass directions=...")
-        cfg = replace(config or PairsConfig(), **settings) if settings else (config or PairsConfig())
+        pcfg = replace(config or PairsConfig(), **settings) if settings else (config or PairsConfig())
         table = [{"instruction": r.instruction, "criterion": r.criterion} for r in instruction_rows(instructions)]
-        return generate_pairs(model, directions, table, cfg, seed=seed, out=out, progress=progress, shard=shard)
+        return generate_pairs(model, directions, table, pcfg, seed=seed, out=out, progress=progress, shard=shard)
     spec = _spec(method)
     if config is not None and not isinstance(config, spec.config):
         raise TypeError(f"{method} takes a {spec.config.__name__}, got a {type(config).__name__}.")
