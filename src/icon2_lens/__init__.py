@@ -14,6 +14,8 @@ The public surface::
     with il.steer(model, dirs, "helpful", 0.07): ...            # hooks removed on exit
     il.train(pairs, output_dir="out/trained")                  # DPO (or SimPO) with TRL on a fresh HF copy
     il.run_pipeline(out="runs/icon2")                         # everything, resumable, with costs and a report
+    il.make_pairs("sampling_ranking", model, kept)           # a competing method, same seam and accounting
+    il.compare(il.CompareConfig(n=64), out="runs/compare")    # Icon2 vs the baselines: cost, quality, controls
 
 Building blocks live in subpackages: `il.gen` (the engine seam), `il.math` (pure math), `il.runs`
 (batch runner, io, shards, costs), `il.judges`, `il.reports`, `il.pipeline`, and the stage modules
@@ -22,6 +24,7 @@ held-out human-written pairs) and `il.controls` (swapped and random-direction co
 """
 
 # Building blocks reachable as il.gen, il.judges, il.math, il.reports, il.runs (redundant aliases: explicit re-exports).
+from . import baselines as baselines
 from . import controls as controls
 from . import gen as gen
 from . import judges as judges
@@ -30,6 +33,7 @@ from . import preference as preference
 from . import reports as reports
 from . import runs as runs
 from .activations import read_last_token
+from .baselines import make_pairs
 from .calibration import calibrate_gamma
 from .controls import make_controls
 from .criteria import DEFAULT_CRITERIA, Criterion, load_criteria
@@ -39,7 +43,7 @@ from .instructions import load_instructions
 from .layers import layer_report
 from .models import LoadedModel, load_model
 from .pairs import PairsConfig, generate_pairs
-from .pipeline import RunConfig, load_config, merge_shards, run_pipeline
+from .pipeline import CompareConfig, RunConfig, compare, load_config, merge_shards, run_pipeline
 from .preference import load_preference_set
 from .prompts import render_chat
 from .runs.costs import measure_costs
@@ -60,6 +64,8 @@ __all__ = [
     "train", "train_dpo", "TrainConfig",
     # evidence
     "evaluate", "load_preference_set", "make_controls",
+    # the competing methods
+    "make_pairs", "compare", "CompareConfig",
     # runs
     "run_pipeline", "RunConfig", "load_config", "merge_shards", "measure_costs",
 ]

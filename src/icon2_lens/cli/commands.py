@@ -17,10 +17,11 @@ from ..directions import ExtractConfig
 from ..evaluation import EvaluateConfig
 from ..layers import LayersConfig
 from ..pairs import PairsConfig
+from ..pipeline.compare import CompareConfig
 from ..scoring import ScoreConfig
 from ..synthesis import SynthesisConfig
 from ..training import TrainConfig
-from . import run_commands, stage_commands
+from . import method_commands, run_commands, stage_commands
 from .options import config_from_args
 from .stage_commands import add_model_args, load
 
@@ -69,6 +70,13 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command(stage_commands.evaluate_args, stage_commands.evaluate_command, config=EvaluateConfig,
                         help="base vs trained (and controls) on held-out preference pairs, judge-free; answers, "
                              "judge and self-probe on held-out instructions"),
+    "compare": Command(method_commands.compare_args, method_commands.compare_command, config=CompareConfig,
+                       help="Icon2 and the competing methods on one instruction pool: pairs, costs, one trained "
+                            "model each, held-out quality with intervals and controls, report.md"),
+    "baseline": Command(method_commands.baseline_args, method_commands.baseline_command, uses_model=False,
+                        make_config=method_commands.baseline_config,
+                        help="pairs from a competing method (system_prompts, sampling_ranking, ...) on the same "
+                             "seam, batch runner and cost accounting as Icon2"),
     "run": Command(run_commands.run_args, run_commands.run_command, uses_model=False,
                    help="the whole method, resumable: extract, layers, synthesize, score, generate, train, controls, "
                         "evaluate "

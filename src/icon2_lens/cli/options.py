@@ -45,10 +45,19 @@ class _LayersText(str):
 
 
 def _field_help(cls: type) -> dict[str, str]:
-    doc = inspect.getdoc(cls) or ""
+    """Each field's help from the ``Attributes:`` docstrings of ``cls`` and its bases (the class's own first)."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        out.update(_own_field_help(klass))
+    return out
+
+
+def _own_field_help(cls: type) -> dict[str, str]:
+    doc = cls.__doc__ or ""
     out: dict[str, str] = {}
     if "Attributes:" not in doc:
         return out
+    doc = inspect.cleandoc(doc)
     current = None
     for line in doc.split("Attributes:", 1)[1].splitlines():
         m = re.match(r"^\s{4,8}(\w+): (.*)$", line)

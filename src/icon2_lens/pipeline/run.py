@@ -41,6 +41,8 @@ from ..reports import run_report
 from ..runs import names
 from ..runs.costs import StageCost, load_costs, measure_costs
 from ..runs.io import atomic_write_text
+from ..training import TrainConfig
+from .compare import CompareConfig, CompareResult, compare_methods
 from .config import RunConfig, load_config, stage_config
 from .stages import STAGES as STAGE_SPECS
 from .stages import StageContext, StageSpec
@@ -263,3 +265,53 @@ def _report(cfg: Any, out: Path, result: PipelineResult, order: list[str]) -> st
         train_history=[json.loads(x) for x in log.splitlines() if x.strip()] if log else None,
         objective=getattr(getattr(cfg, "train", None), "objective", "dpo"),
         evaluation_md=read(out / "evaluate" / names.EVAL_REPORT))
+
+
+def compare(
+    config: CompareConfig | None = None,
+    *,
+    out: str | os.PathLike[str] = "runs/compare",
+    model: str | os.PathLike[str] | None = None,
+    train_config: TrainConfig | None = None,
+    icon2: Mapping[str, Any] | None = None,
+    device: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> CompareResult:
+    """Icon2 and the competing methods on one instruction pool, one model each, compared (`compare_methods`).
+
+    Runs Icon2's stages up to ``generate`` into ``out/icon2_run`` (resumable; its pool is ``config.n_pool``
+    instructions written by the model, or ``config.pool``; it keeps ``config.n``), then `compare_methods`.
+
+    Args:
+        config: a `CompareConfig` (methods, sizes, budget, controls).
+        out: the comparison folder; a rerun resumes, a changed setting re-runs what depends on it.
+        model: the base model (``None``: the embedded SmolLM2-135M-Instruct).
+        train_config: the trainer settings every method gets (default: DPO, demo preset, cut answers trimmed).
+        icon2: more Icon2 run-config sections (e.g. ``{"generate": {"gamma_pos": 2.0}}``).
+        device: ``"cpu"``, ``"cuda"``, ... (default: CUDA if available).
+        seed: the seed of everything.
+        progress: progress bars.
+        log: where step lines go.
+
+    Examples:
+        >>> res = il.compare(CompareConfig(methods=["icon2", "system_prompts"], n=16), out="runs/cmp")  # doctest: +SKIP
+        >>> print(res.report.read_text())  # doctest: +SKIP
+    """
+    cfg = config or CompareConfig()
+    run_cfg: dict[str, Any] = {
+        "model": None if model is None else str(model), "device": device, "seed": seed,
+        "synthesize": {"source": cfg.pool} if cfg.pool is not None else {"n": cfg.n_pool},
+        "score": {"top_k": cfg.n},
+        "generate": {"max_new_tokens": cfg.max_new_tokens, "repetition_penalty": cfg.repetition_penalty,
+                     "batch_size": cfg.batch_size}}
+    for section, values in (icon2 or {}).items():
+        if isinstance(values, Mapping) and isinstance(run_cfg.get(section), dict):
+            run_cfg[section] = {**run_cfg[section], **values}
+        else:
+            run_cfg[section] = values
+    run_pipeline(run_cfg, out=Path(out) / "icon2_run", update=True, stop_after="generate", progress=progress,
+                 log=log)
+    return compare_methods(Path(out) / "icon2_run", out=out, config=cfg, train_config=train_config, model=model,
+                           device=device, seed=seed, progress=progress, log=log)

@@ -34,6 +34,7 @@ from ..runs.io import atomic_write_text, read_jsonl
 from ..scoring import ScoreConfig, save_scores, score_instructions, scoring_layers
 from ..synthesis import SynthesisConfig, synthesize_instructions
 from ..training import TrainConfig, train
+from .compare import COMPARE_JSON, CompareConfig, compare_methods
 
 __all__ = ["StageSpec", "StageContext", "STAGES"]
 
@@ -175,14 +176,16 @@ def _score(ctx: StageContext, folder: Path, meter: CostMeter, cfg: ScoreConfig, 
 
 def _generate(ctx: StageContext, folder: Path, meter: CostMeter, cfg: PairsConfig, sec: Any) -> tuple[int, list[Path]]:
     dirs = ctx.directions()
-    pairs = generate_pairs(ctx.model, dirs, ctx.out / "score" / names.SELECTED, cfg, seed=ctx.cfg.seed, out=folder,
-                           progress=ctx.progress)
+    with meter.phase("generation"):  # the pairs' cost; the report below is evaluation, counted apart
+        pairs = generate_pairs(ctx.model, dirs, ctx.out / "score" / names.SELECTED, cfg, seed=ctx.cfg.seed,
+                               out=folder, progress=ctx.progress)
     steer_layers = scoring_layers(dirs, cfg.layers)
-    report = pair_report(pairs, scorer=ProbeScorer(ctx.model, dirs, layers=steer_layers))  # self-probe
-    # an independent reading: a reward probe fitted on human-written better/worse answers, not the directions
-    probe = RewardProbeScorer.fit(ctx.model, layers=steer_layers)
-    report["reward_probe"] = {"win_share": pair_report(pairs, scorer=probe)["win_share"],
-                              "heldout_accuracy": probe.accuracy(load_preference_set())}
+    with meter.phase("report"):
+        report = pair_report(pairs, scorer=ProbeScorer(ctx.model, dirs, layers=steer_layers))  # self-probe
+        # an independent reading: a reward probe fitted on human-written better/worse answers, not the directions
+        probe = RewardProbeScorer.fit(ctx.model, layers=steer_layers)
+        report["reward_probe"] = {"win_share": pair_report(pairs, scorer=probe)["win_share"],
+                                  "heldout_accuracy": probe.accuracy(load_preference_set())}
     atomic_write_text(folder / names.PAIR_REPORT, json.dumps(report, indent=2))
     return len(pairs), [folder / names.PAIRS, folder / names.PAIR_REPORT]
 
@@ -232,6 +235,19 @@ def _evaluate(ctx: StageContext, folder: Path, meter: CostMeter, cfg: EvaluateCo
     return len(pref), [folder / names.EVAL_REPORT, folder / names.METRICS]
 
 
+def _compare(ctx: StageContext, folder: Path, meter: CostMeter, cfg: CompareConfig,
+             sec: Any) -> tuple[int, list[Path]]:
+    if not [m for m in cfg.methods if m != "icon2"]:
+        return 0, []
+    gen = ctx.cfg.generate  # in a run, the instructions and the budget are the run's own (score, generate)
+    cfg = dataclasses.replace(cfg, max_new_tokens=gen.max_new_tokens, repetition_penalty=gen.repetition_penalty,
+                              batch_size=gen.batch_size)
+    res = compare_methods(ctx.out, out=folder, config=cfg,
+                          train_config=_config_of(TrainConfig, ctx.cfg.train), model=ctx.cfg.model,
+                          device=ctx.cfg.device, seed=ctx.cfg.seed, progress=ctx.progress)
+    return len(res.summary["methods"]), [folder / COMPARE_JSON, res.report]
+
+
 def _one_selection_rule(data: Any) -> Any:
     """Giving ``top_fraction`` or ``threshold`` replaces the demo's default ``top_k`` rule."""
     if isinstance(data, dict) and "top_k" not in data and (
@@ -265,4 +281,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("evaluate", ("layers", "score", "train", "controls"), EvaluateConfig, _evaluate,
               extra=EvaluateInputs,
               help="base vs trained vs controls on held-out preference pairs (judge-free), answers and judge"),
+    StageSpec("compare", ("layers", "score", "generate"), CompareConfig, _compare, uses_model=lambda section: False,
+              pipeline_defaults={"methods": []},  # a run compares only when methods are listed
+              help="the competing methods on the run's instructions and budget, one model each, compared"),
 )}
