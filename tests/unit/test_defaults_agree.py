@@ -23,11 +23,14 @@ FUNCTIONS = {
 }
 #: The pipeline's demo sizes (documented in docs/pipeline.md); nothing else may differ.
 DEMO_SIZES = {"layers": {"n_heldout": 16, "n_paraphrase_instructions": 4}, "score": {"top_k": 24},
-              "train": {"trim_unfinished": True}}  # not a size: the demo's answers never finish (see stages.py)
+              "train": {"trim_unfinished": True},  # not a size: the demo's answers never finish (see stages.py)
+              "compare": {"methods": []}}  # not a size: a run compares only when methods are listed
 
 
 def _defaults(cls):
-    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    out = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    return out | {f.name: f.default_factory() for f in dataclasses.fields(cls)
+                  if f.default_factory is not dataclasses.MISSING}
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
@@ -67,7 +70,19 @@ MINIMAL = {
     "train": ["--pairs", "p", "--out", "o"],
     "controls": ["--pairs", "p", "--directions", "d", "--out", "o"],
     "evaluate": ["--trained", "t", "--directions", "d", "--out", "o"],
+    "compare": ["--out", "o"],
 }
+
+
+def test_baseline_options_without_flags_give_each_method_config_defaults():
+    from icon2_lens.baselines import METHODS
+    from icon2_lens.cli import build_parser
+    from icon2_lens.cli.commands import COMMANDS
+
+    assert METHODS  # every registered method has a sub-command
+    for name, spec in METHODS.items():
+        args = build_parser().parse_args(["baseline", name, "--instructions", "i", "--out", "o"])
+        assert COMMANDS["baseline"].build_config(args) == spec.config(), name
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
@@ -89,5 +104,5 @@ def test_every_config_field_is_a_cli_option_and_the_help_shows_its_default():
         for f in dataclasses.fields(spec.config):
             flag = "--" + f.name.replace("_", "-")
             assert flag in text, (stage, flag)
-            default = f.default if f.default is not dataclasses.MISSING else ",".join(map(str, f.default_factory()))
+            default = f.default if f.default is not dataclasses.MISSING else ", ".join(map(str, f.default_factory()))
             assert f"(default: {default})" in " ".join(text.split()), (stage, f.name)

@@ -25,7 +25,7 @@ from ..directions import DirectionSet
 from ..models import LoadedModel
 from ..pairs import PairsConfig, generate_pairs
 from ..runs.costs import CostMeter
-from . import system_prompts
+from . import sao, self_refine, system_prompts
 from .common import (
     GENERATION,
     LABELLING,
@@ -67,6 +67,12 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     MethodSpec(system_prompts.METHOD, system_prompts.SystemPromptsConfig, system_prompts.make_pairs,
                "chosen under the criterion's positive system prompt, rejected under its negative one (App. I)"),
+    MethodSpec(self_refine.METHOD, self_refine.SelfRefineConfig, self_refine.make_pairs,
+               "sample 3, critique one and refine it (chosen) vs a random original sample (App. B.1)",
+               self_judging=True),
+    MethodSpec(sao.METHOD, sao.SAOConfig, sao.make_pairs,
+               "persona -> self-written prompt, two samples ranked by the model's own pairwise judge (SAO)",
+               self_judging=True),
 )}
 
 

@@ -189,7 +189,8 @@ def _meter_for(method: str, model: LoadedModel, meter: CostMeter | None,
     elif out is not None:
         with measure_costs(method, model, *extra) as own:
             yield own
-        own.costs.save(Path(out))
+        if own.costs.rows or not (Path(out) / names.COSTS).is_file():  # a rerun that made nothing keeps the figures
+            own.costs.save(Path(out))
     else:
         yield None
 
@@ -208,6 +209,7 @@ def run_method(
     meter: CostMeter | None = None,
     watch: Sequence[Any] = (),
     settings: dict[str, Any] | None = None,
+    key: str = "instruction",
 ) -> list[dict[str, Any]]:
     """Run a method's batches: seeded per batch, resumable and shardable, with costs split into phases.
 
@@ -225,9 +227,13 @@ def run_method(
         meter: count costs into this meter instead (the pipeline's: it writes ``costs.json`` itself).
         watch: more models to count (a reward model, a judge model).
         settings: more settings that identify the run (e.g. the scorer's name).
+        key: the output row's field that holds the input instruction (checked when a run resumes; SAO writes its
+            own prompt into ``instruction`` and keeps the input in ``source_instruction``).
 
     Returns:
-        The rows (kept and dropped), in index order.
+        The rows (kept and dropped), in index order. ``costs.json`` counts the work of this call: its ``rows`` are
+        the kept pairs made by it (a resumed run's figures cover the resumed part; a rerun that made nothing leaves
+        the earlier figures), so cost per kept pair is ``total / rows``.
     """
     shard = check_shard(shard)
     digest = hashlib.sha256(json.dumps([[r.instruction, r.criterion] for r in rows]).encode()).hexdigest()
@@ -235,18 +241,25 @@ def run_method(
                     "model": model.info.model_id, "fingerprint": model.info.fingerprint, "instructions_sha256": digest}
 
     def check(row: dict[str, Any], index: int) -> None:
-        if row.get("instruction") != rows[index].instruction:
+        if row.get(key) != rows[index].instruction:
             raise ValueError(f"{out} holds pairs of other instructions (row {index} differs); choose another folder.")
+
+    made: list[dict[str, Any]] = []
 
     with _meter_for(method, model, meter, out, watch) as m:
         def phase(name: str) -> AbstractContextManager[Any]:
             return m.phase(name) if m is not None else nullcontext()
 
-        job = BatchJob(stage=method, n_rows=len(rows), batch_size=config.batch_size, seed=seed,
-                       make=lambda b, covers, s: make([rows[i] for i in covers], s, phase), check=check,
+        def make_batch(b: int, covers: range, s: int) -> list[dict[str, Any]]:
+            new = make([rows[i] for i in covers], s, phase)
+            made.extend(new)
+            return new
+
+        job = BatchJob(stage=method, n_rows=len(rows), batch_size=config.batch_size, seed=seed, make=make_batch,
+                       check=check,
                        desc=f"{method} pairs", unit="pair", shard_settings={"instructions_sha256": digest},
                        files=names.STAGE_FILES["generate"])
         done = run_batches(job, out=out, settings=run_settings, shard=shard, progress=progress)
         if m is not None:
-            m.costs.rows = sum(1 for r in done if r.get("kept", True))
+            m.costs.rows = sum(1 for r in made if r.get("kept", True))
     return done

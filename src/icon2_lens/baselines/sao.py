@@ -41,8 +41,7 @@ import os
 import random
 import re
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -50,21 +49,17 @@ from typing import Any, Literal
 from ..gen import Generation, engine, row_seed
 from ..models import LoadedModel
 from ..prompts import render_chat
-from ..runs import names
-from ..runs.batches import BatchJob, run_batches
 from ..runs.costs import CostMeter
-from ..runs.shards import check_shard
 from .common import (
     GENERATION,
     LABELLING,
     InstructionRow,
-    MakeRows,
     Phase,
     ResponseBudget,
-    _meter_for,
     dropped_row,
     instruction_rows,
     pair_row,
+    run_method,
 )
 
 __all__ = ["SAOConfig", "make_pairs", "METHOD", "INSTRUCTION_TEMPLATE", "JUDGE_PROMPT", "PERSONA_PROMPT",
@@ -378,36 +373,5 @@ def make_pairs(
                     rows_out.append(pair_row(row, y[winner - 1], y[2 - winner], method=METHOD, **prov))
         return rows_out
 
-    return _run_keyed(model=model, rows=list(rows), config=cfg, make=make, seed=seed, out=out, shard=shard,
-                      progress=progress, meter=meter, settings=settings)
-
-
-def _run_keyed(*, model: LoadedModel, rows: list[InstructionRow], config: ResponseBudget, make: MakeRows, seed: int,
-               out: str | os.PathLike[str] | None, shard: tuple[int, int] | None, progress: bool,
-               meter: CostMeter | None, settings: dict[str, Any]) -> list[dict[str, Any]]:
-    """`icon2_lens.baselines.run_method`, except that a resumed row is checked by its ``source_instruction``.
-
-    SAO's rows hold the generated prompt as ``instruction``, which ``run_method``'s resume check compares with the
-    input; this copy checks ``source_instruction`` instead. (To go once ``run_method`` takes ``key=``.)
-    """
-    shard = check_shard(shard)
-    digest = hashlib.sha256(json.dumps([[r.instruction, r.criterion] for r in rows]).encode()).hexdigest()
-    run_settings = {"method": METHOD, **asdict(config), **settings, "seed": seed,
-                    "model": model.info.model_id, "fingerprint": model.info.fingerprint, "instructions_sha256": digest}
-
-    def check(row: dict[str, Any], index: int) -> None:
-        if row.get("source_instruction") != rows[index].instruction:
-            raise ValueError(f"{out} holds pairs of other instructions (row {index} differs); choose another folder.")
-
-    with _meter_for(METHOD, model, meter, out, ()) as m:
-        def phase(name: str) -> AbstractContextManager[Any]:
-            return m.phase(name) if m is not None else nullcontext()
-
-        job = BatchJob(stage=METHOD, n_rows=len(rows), batch_size=config.batch_size, seed=seed,
-                       make=lambda b, covers, s: make([rows[i] for i in covers], s, phase), check=check,
-                       desc=f"{METHOD} pairs", unit="pair", shard_settings={"instructions_sha256": digest},
-                       files=names.STAGE_FILES["generate"])
-        done = run_batches(job, out=out, settings=run_settings, shard=shard, progress=progress)
-        if m is not None:
-            m.costs.rows = sum(1 for r in done if r.get("kept", True))
-    return done
+    return run_method(method=METHOD, model=model, rows=list(rows), config=cfg, make=make, seed=seed, out=out,
+                      shard=shard, progress=progress, meter=meter, settings=settings, key="source_instruction")

@@ -131,7 +131,7 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, *, skip: Sequ
             continue
         typ, choices, is_bool = _options(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else (
-            ",".join(map(str, f.default_factory())) if f.default_factory is not dataclasses.MISSING else None)
+            ", ".join(map(str, f.default_factory())) if f.default_factory is not dataclasses.MISSING else None)
         text = f"{helps.get(f.name, '')} (default: {default})".strip().replace("%", "%%")
         target = group_of.get(f.name, parser)
         flag = "--" + f.name.replace("_", "-")

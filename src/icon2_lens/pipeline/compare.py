@@ -389,13 +389,14 @@ def _summary(cfg: CompareConfig, tcfg: TrainConfig, rows: Mapping[str, list[dict
     for method, rs in rows.items():
         kept = _kept(rs)
         c = costs[method]
-        phases = {p: _per_pair(v, kept) for p, v in c.phases.items()}
+        measured = c.rows or 0  # the kept pairs made while the costs were counted (all of them, unless resumed)
+        phases = {p: _per_pair(v, measured) for p, v in c.phases.items()}
         methods[method] = {
             "instructions": len(rs), "kept_pairs": kept,
             "drop_reasons": {r: sum(1 for x in rs if x.get("drop_reason") == r)
                              for r in sorted({str(x.get("drop_reason")) for x in rs if x.get("kept") is False})},
             "both_finished": sum(1 for r in rs if r.get("chosen_finished") and r.get("rejected_finished")),
-            "costs": {**_per_pair(c, kept), "total": c.to_dict(), "phases": phases},
+            "costs": {**_per_pair(c, measured), "pairs_measured": measured, "total": c.to_dict(), "phases": phases},
             "judge": judge_statistics(rs),
             "response_words": _words(rs),
         }
