@@ -267,3 +267,19 @@ def test_resume_after_a_partial_run(tiny_model, tmp_path):
     path.write_text("".join(x + "\n" for x in path.read_text().splitlines()[:3]))  # batch 1 half written
     again = sao.make_pairs(tiny_model, INSTRUCTIONS[:4], cfg, seed=1, out=tmp_path / "a", progress=False)
     assert again == ref and len(path.read_text().splitlines()) == 4
+
+
+def test_sao_forced_judge_reads_the_verdict_from_log_probabilities(tiny_model, tmp_path):
+    from icon2_lens.baselines import sao as sao_mod
+
+    cfg = sao_mod.SAOConfig(max_new_tokens=4, persona_tokens=4, judge_format="forced", both_orders=True,
+                            batch_size=2)
+    rows = sao_mod.make_pairs(tiny_model, INSTRUCTIONS[:4], cfg, seed=1, out=tmp_path / "f", progress=False)
+    judged = [r for r in rows if r["judge"]["comparisons"]]
+    assert judged and all(r["judge"]["parsed"] == r["judge"]["comparisons"] == 2 for r in judged)  # always parses
+    for r in judged:
+        assert all(o in ("ranking: 1 > 2", "ranking: 2 > 1") for o in r["judge_outputs"])
+        assert r["kept"] == (r["judge_outputs"][0] != r["judge_outputs"][1])  # swapped order: consistent = differ
+    assert json.loads((tmp_path / "f" / "generation.json").read_text())["judge_format"] == "forced"
+    with pytest.raises(ValueError, match="judge_format"):
+        sao_mod.SAOConfig(judge_format="banana")  # type: ignore[arg-type]

@@ -63,6 +63,7 @@ from .common import (
 )
 
 __all__ = ["SAOConfig", "make_pairs", "METHOD", "INSTRUCTION_TEMPLATE", "JUDGE_PROMPT", "PERSONA_PROMPT",
+           "FORCED_PREFIX", "forced_verdicts",
            "SYSTEM_PROMPT", "load_personas", "clean_user_prompt", "parse_ranking", "judge_verdict"]
 
 METHOD = "sao"
@@ -170,6 +171,28 @@ def parse_ranking(text: str) -> int | None:
     return int(m.group(1))
 
 
+#: The start of the judge's turn with ``judge_format="forced"``.
+FORCED_PREFIX = "ranking:"
+
+
+def forced_verdicts(eng: Any, texts: Sequence[str]) -> list[str]:
+    """The verdict text (``"ranking: 1 > 2"`` or ``"ranking: 2 > 1"``) the model finds more likely after each text.
+
+    Each text ends inside the judge's turn, right after `FORCED_PREFIX`; the two continuations are scored by their
+    summed log-probabilities (ties go to response 1, as a free judge's first-listed answer would).
+
+    Examples:
+        >>> forced_verdicts(engine(model), [render_chat(tok, q, assistant=FORCED_PREFIX)])  # doctest: +SKIP
+        ['ranking: 2 > 1']
+    """
+    if not texts:
+        return []
+    k = len(texts)
+    lps = eng.continuation_logprobs([*texts, *texts], [" 1 > 2"] * k + [" 2 > 1"] * k)
+    return [f"{FORCED_PREFIX} 1 > 2" if float(lps[j].sum()) >= float(lps[k + j].sum()) else f"{FORCED_PREFIX} 2 > 1"
+            for j in range(k)]
+
+
 def judge_verdict(outputs: Sequence[str]) -> tuple[int | None, str | None, dict[str, Any]]:
     """The winner in the original order from the judge's outputs, the drop reason, and the judge statistics.
 
@@ -239,6 +262,10 @@ class SAOConfig(ResponseBudget):
         judge_tokens: token budget of a verdict (greedy).
         both_orders: also judge with the responses swapped and keep only consistent verdicts (the paper: one
             pass in a fixed order).
+        judge_format: ``"free"``: the judge writes its verdict (the paper); ``"forced"``: the judge's turn starts
+            with ``ranking:`` and the verdict is whichever of `` 1 > 2`` and `` 2 > 1`` the model finds more likely
+            (the same prompt and format, read as log-probabilities; for models too small to follow the format:
+            SmolLM2-135M never wrote a parseable ranking when free).
 
     Examples:
         >>> SAOConfig().temperature, SAOConfig().top_p
@@ -253,9 +280,12 @@ class SAOConfig(ResponseBudget):
     persona_temperature: float = 1.0
     judge_tokens: int = 16
     both_orders: bool = False
+    judge_format: Literal["free", "forced"] = "free"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.judge_format not in ("free", "forced"):
+            raise ValueError(f"judge_format must be 'free' or 'forced', got {self.judge_format!r}.")
         if self.persona_source not in ("list", "model"):
             raise ValueError(f"persona_source must be 'list' or 'model', got {self.persona_source!r}.")
         for name in ("persona_tokens", "judge_tokens"):
@@ -342,11 +372,15 @@ def make_pairs(
         pair = {i: (ys[2 * j], ys[2 * j + 1]) for j, i in enumerate(todo)}
         judged = [i for i in todo if pair[i][0].text != pair[i][1].text]
         orders = [(0, 1), (1, 0)] if cfg.both_orders else [(0, 1)]
+        questions = [JUDGE_PROMPT.format(prompt=prompts[i], response_1=pair[i][a].text, response_2=pair[i][b].text)
+                     for i in judged for a, b in orders]
         with phase(LABELLING):
-            verdicts = generate([render_chat(tok, JUDGE_PROMPT.format(prompt=prompts[i], response_1=pair[i][a].text,
-                                                                      response_2=pair[i][b].text))
-                                 for i in judged for a, b in orders], judging, row_seed(s, "judge"))
-        outputs = {i: [g.text for g in verdicts[j * len(orders):(j + 1) * len(orders)]] for j, i in enumerate(judged)}
+            if cfg.judge_format == "forced":
+                texts = forced_verdicts(eng, [render_chat(tok, q, assistant=FORCED_PREFIX) for q in questions])
+            else:
+                texts = [g.text for g in generate([render_chat(tok, q) for q in questions], judging,
+                                                  row_seed(s, "judge"))]
+        outputs = {i: texts[j * len(orders):(j + 1) * len(orders)] for j, i in enumerate(judged)}
         rows_out = []
         for i, r in enumerate(src):
             prompt = prompts.get(i, "")
