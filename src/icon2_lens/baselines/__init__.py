@@ -25,7 +25,7 @@ from ..directions import DirectionSet
 from ..models import LoadedModel
 from ..pairs import PairsConfig, generate_pairs
 from ..runs.costs import CostMeter
-from . import sao, self_refine, system_prompts
+from . import sampling_ranking, sao, self_refine, self_rewarding, system_prompts
 from .common import (
     GENERATION,
     LABELLING,
@@ -67,6 +67,12 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     MethodSpec(system_prompts.METHOD, system_prompts.SystemPromptsConfig, system_prompts.make_pairs,
                "chosen under the criterion's positive system prompt, rejected under its negative one (App. I)"),
+    MethodSpec(sampling_ranking.METHOD, sampling_ranking.SamplingRankingConfig, sampling_ranking.make_pairs,
+               "k samples scored by a reward model (default: the reward probe, a stand-in for ArmoRM); best vs worst "
+               "(App. B.1, SimPO recipe)"),
+    MethodSpec(self_rewarding.METHOD, self_rewarding.SelfRewardingConfig, self_rewarding.make_pairs,
+               "k samples judged by the model itself (Constitutional AI multiple choice, answer-token log-probs, both "
+               "orders); best vs worst (App. B.1)", self_judging=True),
     MethodSpec(self_refine.METHOD, self_refine.SelfRefineConfig, self_refine.make_pairs,
                "sample 3, critique one and refine it (chosen) vs a random original sample (App. B.1)",
                self_judging=True),
