@@ -103,3 +103,21 @@ def test_baseline_cli_makes_pairs_and_refuses_bad_input(talker_dir, tmp_path, ca
     code = main(["baseline", "system_prompts", "--model", str(talker_dir), "--instructions", str(listing), "--out",
                  str(tmp_path / "bad"), "--criterion", "banana", "--no-progress"])
     assert code == 2 and "Unknown criterion 'banana'" in capsys.readouterr().err
+
+
+def test_a_run_with_methods_compares_them_on_its_own_pairs(talker_dir, pool, tmp_path):
+    cfg = {"model": str(talker_dir), **ICON2, "synthesize": {"source": str(pool)},
+           "score": {"top_k": 3, "allow_invalid": True}, "generate": {"max_new_tokens": 4, "batch_size": 2},
+           "train": {"max_steps": 1, "finished_only": False}, "controls": {"kinds": []},
+           "evaluate": {"n": 0, "n_preference": 2, "n_boot": 50},
+           "compare": {"methods": ["icon2", "system_prompts"], "controls": [], "n_preference": 2, "n_boot": 50}}
+    res = il.run_pipeline(cfg, out=tmp_path / "run", progress=False, log=None)
+    assert res.ran[-1] == "compare"
+    folder = tmp_path / "run" / "compare"
+    summary = json.loads((folder / "compare.json").read_text())
+    assert set(summary["methods"]) == {"icon2", "system_prompts"}
+    icon2_rows = (folder / "icon2" / "pairs.jsonl").read_text()
+    assert icon2_rows == (tmp_path / "run" / "generate" / "pairs.jsonl").read_text()  # the run's own pairs
+    sp = [json.loads(x) for x in (folder / "system_prompts" / "pairs.jsonl").read_text().splitlines()]
+    assert [r["instruction"] for r in sp] == [json.loads(x)["instruction"] for x in icon2_rows.splitlines()]
+    assert summary["config"]["max_new_tokens"] == 4  # the run's generate budget, not the compare default

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..baselines import make_pairs, method_config
+from ..baselines import METHODS, make_pairs, method_config
 from ..controls import swap_pairs
 from ..models import LoadedModel, load_model
 from ..preference import (
@@ -71,6 +71,9 @@ STEPS = "steps.json"
 class CompareConfig:
     """Settings of a comparison: which methods, how many instructions, the shared budget, controls, evaluation.
 
+    The defaults are the demo size (16 instructions, 128 tokens: every method, its model and the evaluation in
+    about 20-30 minutes on a 2-core CPU); docs/compare.md's measured run used ``n=66, n_pool=132``.
+
     Attributes:
         methods: the methods to run (``icon2`` is always the reference row; listed or not, it runs).
         n: instructions per method (Icon2 keeps its ``n`` best of the pool; every baseline answers the same ``n``).
@@ -83,25 +86,29 @@ class CompareConfig:
             exchanged).
         sao_objectives: SAO's rows: ``dpo`` (like for like with the others) and/or ``simpo`` (SAO's own loss,
             beta 10, gamma 3, the shared learning rate and batch).
+        sao_judge_format: SAO's judge: ``"forced"`` (default here: its verdict format read as log-probabilities;
+            the embedded 135M model never writes a parseable ranking, so ``"free"`` keeps no pair) or ``"free"``
+            (the paper's; see `icon2_lens.baselines.sao.SAOConfig`).
         n_preference: evaluate on the first ``n`` pairs of each criterion of the held-out set's test split
             (``None``: all).
         n_boot: bootstrap resamples of every interval.
         level: interval coverage.
 
     Examples:
-        >>> CompareConfig(methods=["icon2", "system_prompts"], n=16).max_new_tokens
-        256
+        >>> CompareConfig(methods=["icon2", "system_prompts"], n=64, n_pool=128).max_new_tokens
+        128
     """
 
     methods: list[MethodName] = field(default_factory=lambda: list(ALL_METHODS))
-    n: int = 64
-    n_pool: int = 128
+    n: int = 16
+    n_pool: int = 48
     pool: str | None = None
-    max_new_tokens: int = 256
+    max_new_tokens: int = 128
     repetition_penalty: float = 1.1
     batch_size: int = 8
     controls: list[Literal["swapped"]] = field(default_factory=lambda: ["swapped"])
     sao_objectives: list[Literal["dpo", "simpo"]] = field(default_factory=lambda: ["dpo", "simpo"])
+    sao_judge_format: Literal["free", "forced"] = "forced"
     n_preference: int | None = None
     n_boot: int = 2000
     level: float = 0.9
@@ -294,8 +301,10 @@ def compare_methods(
             shutil.copyfile(icon2_pairs, folder / names.PAIRS)
             _icon2_costs(run).save(folder / names.COSTS)
         else:
-            settings = {"max_new_tokens": cfg.max_new_tokens, "repetition_penalty": cfg.repetition_penalty,
-                        "batch_size": cfg.batch_size}
+            settings: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens,
+                                        "repetition_penalty": cfg.repetition_penalty, "batch_size": cfg.batch_size}
+            if method == "sao":
+                settings["judge_format"] = cfg.sao_judge_format
             mcfg = method_config(method, settings)
             key, digest = f"pairs:{method}", _sha([dataclasses.asdict(mcfg), table, seed, str(model)])
             if not steps.current(key, digest) or not (folder / names.COSTS).is_file():
@@ -398,6 +407,7 @@ def _summary(cfg: CompareConfig, tcfg: TrainConfig, rows: Mapping[str, list[dict
             "both_finished": sum(1 for r in rs if r.get("chosen_finished") and r.get("rejected_finished")),
             "costs": {**_per_pair(c, measured), "pairs_measured": measured, "total": c.to_dict(), "phases": phases},
             "judge": judge_statistics(rs),
+            "self_judging": method in METHODS and METHODS[method].self_judging,
             "response_words": _words(rs),
         }
     icon2 = methods["icon2"]["costs"]
@@ -491,17 +501,19 @@ def compare_markdown(summary: Mapping[str, Any], *, figures: Mapping[str, str] |
              "(`icon2_lens.preference`), not through any method's own signal.", "",
              "## Cost per kept pair", "",
              "| method | kept pairs | generated tokens | prompt tokens | forward passes | wall s | generation: gen. tok"
-             " | labelling: prompt tok | labelling: gen. tok | gen. tokens vs Icon2 | wall vs Icon2 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             " / wall s | labelling: prompt tok / gen. tok / wall s | gen. tokens vs Icon2 | wall vs Icon2 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in ms.items():
         c = m["costs"]
         gen, lab = c["phases"].get("generation", {}), c["phases"].get("labelling", {})
         lines.append(f"| {name} | {m['kept_pairs']}/{m['instructions']} | {_fmt(c['generated_tokens_per_pair'], '.0f')}"
                      f" | {_fmt(c['prompt_tokens_per_pair'], '.0f')} | {_fmt(c['forward_passes_per_pair'], '.1f')} | "
                      f"{_fmt(c['wall_seconds_per_pair'], '.2f')} | {_fmt(gen.get('generated_tokens_per_pair'), '.0f')}"
-                     f" | {_fmt(lab.get('prompt_tokens_per_pair'), '.0f')} | "
-                     f"{_fmt(lab.get('generated_tokens_per_pair'), '.0f')} | "
-                     f"{_fmt(c['ratio_to_icon2']['generated_tokens_per_pair'], '.2f')}x | "
+                     f" / {_fmt(gen.get('wall_seconds_per_pair'), '.2f')} | "
+                     f"{_fmt(lab.get('prompt_tokens_per_pair'), '.0f')} / "
+                     f"{_fmt(lab.get('generated_tokens_per_pair'), '.0f')} / "
+                     f"{_fmt(lab.get('wall_seconds_per_pair'), '.2f')}"
+                     f" | {_fmt(c['ratio_to_icon2']['generated_tokens_per_pair'], '.2f')}x | "
                      f"{_fmt(c['ratio_to_icon2']['wall_seconds_per_pair'], '.2f')}x |")
     lines += ["", "Icon2's labelling is its extract, layers and score stages (run once for the whole pool); the "
               "instruction pool's synthesis is shared by every method and not counted"
@@ -529,7 +541,7 @@ def compare_markdown(summary: Mapping[str, Any], *, figures: Mapping[str, str] |
               "shows how far the same training moves the margin the wrong way.", ""]
     if "quality" in figures:
         lines += [f"![quality]({figures['quality']})", ""]
-    judged = {n: m["judge"] for n, m in ms.items() if m.get("judge")}
+    judged = {n: m["judge"] for n, m in ms.items() if m.get("judge") and m.get("self_judging")}
     if judged:
         lines += ["## Self-judging methods", "", "| method | judge queries | parse rate | first-position share |",
                   "|---|---|---|---|"]
