@@ -416,6 +416,18 @@ def _summary(cfg: CompareConfig, tcfg: TrainConfig, rows: Mapping[str, list[dict
         m["costs"]["ratio_to_icon2"] = {k: (mc[k] / icon2[k] if mc[k] is not None and icon2[k] else None)
                                         for k in ("prompt_tokens_per_pair", "generated_tokens_per_pair",
                                                   "forward_passes_per_pair", "wall_seconds_per_pair")}
+    headline = {}
+    for other in ("sampling_ranking", "sao", "self_rewarding"):
+        if other in methods:
+            a, b = icon2, methods[other]["costs"]
+            tot_a = (a["prompt_tokens_per_pair"] or 0) + (a["generated_tokens_per_pair"] or 0)
+            tot_b = (b["prompt_tokens_per_pair"] or 0) + (b["generated_tokens_per_pair"] or 0)
+            headline[f"icon2_over_{other}"] = {
+                "generated_tokens": _ratio(a["generated_tokens_per_pair"], b["generated_tokens_per_pair"]),
+                "all_tokens": _ratio(tot_a, tot_b),
+                "wall_seconds": _ratio(a["wall_seconds_per_pair"], b["wall_seconds_per_pair"]),
+                "generation_wall_seconds": _ratio(a["phases"].get("generation", {}).get("wall_seconds_per_pair"),
+                                                  b["phases"].get("generation", {}).get("wall_seconds_per_pair"))}
     models: dict[str, Any] = {}
     for name, path in trained.items():
         cells = metrics["models"][name]
@@ -427,10 +439,15 @@ def _summary(cfg: CompareConfig, tcfg: TrainConfig, rows: Mapping[str, list[dict
                         "final_reward_accuracy": next((h["reward_accuracy"] for h in reversed(logs.get(name, []))
                                                        if h.get("reward_accuracy") is not None), None)}
     return {"config": dataclasses.asdict(cfg), "train_config": dataclasses.asdict(tcfg), "seed": seed,
+            "cost_ratios": headline,
             "pool_cost": pool_cost.to_dict() if pool_cost is not None else None, "methods": methods,
             "models": models, "base": metrics["models"]["base"],
             "preference_set": {"n": n_pref, "sha256": set_sha, "split": "test"},
             "level": cfg.level, "n_boot": cfg.n_boot}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
 
 def _words(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
@@ -515,6 +532,14 @@ def compare_markdown(summary: Mapping[str, Any], *, figures: Mapping[str, str] |
                      f"{_fmt(lab.get('wall_seconds_per_pair'), '.2f')}"
                      f" | {_fmt(c['ratio_to_icon2']['generated_tokens_per_pair'], '.2f')}x | "
                      f"{_fmt(c['ratio_to_icon2']['wall_seconds_per_pair'], '.2f')}x |")
+    for key, r in summary.get("cost_ratios", {}).items():
+        other = key.removeprefix("icon2_over_")
+        lines.append(f"\nIcon2 / {other} per kept pair: generated tokens {_fmt(r['generated_tokens'], '.2f')}x, "
+                     f"all tokens (prompt + generated) {_fmt(r['all_tokens'], '.2f')}x, wall time "
+                     f"{_fmt(r['wall_seconds'], '.2f')}x (generation alone "
+                     f"{_fmt(r['generation_wall_seconds'], '.2f')}x)"
+                     + (" (the Icon2 paper: about 0.55x of Sampling-Ranking's total cost)."
+                        if other == "sampling_ranking" else "."))
     lines += ["", "Icon2's labelling is its extract, layers and score stages (run once for the whole pool); the "
               "instruction pool's synthesis is shared by every method and not counted"
               + (f" ({summary['pool_cost']['generated_tokens']} generated tokens, "
