@@ -121,3 +121,24 @@ def test_a_run_with_methods_compares_them_on_its_own_pairs(talker_dir, pool, tmp
     sp = [json.loads(x) for x in (folder / "system_prompts" / "pairs.jsonl").read_text().splitlines()]
     assert [r["instruction"] for r in sp] == [json.loads(x)["instruction"] for x in icon2_rows.splitlines()]
     assert summary["config"]["max_new_tokens"] == 4  # the run's generate budget, not the compare default
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("sampling_ranking", ["--k", "2"]),
+    ("self_rewarding", ["--k", "2"]),
+    ("self_refine", ["--n-samples", "2", "--feedback-tokens", "4"]),
+    ("sao", ["--judge-format", "forced", "--persona-tokens", "4"]),
+])
+def test_every_baseline_runs_from_the_cli(method, extra, talker_dir, tmp_path):
+    listing = tmp_path / "q.txt"
+    listing.write_text("\n".join(INSTRUCTIONS[:2]) + "\n")
+    out = tmp_path / method
+    argv = ["baseline", method, "--model", str(talker_dir), "--instructions", str(listing), "--out", str(out),
+            "--max-new-tokens", "4", "--no-progress", *extra]
+    assert main(argv) == 0
+    rows = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and {r["method"] for r in rows} == {method}
+    assert json.loads((out / "generation.json").read_text())["method"] == method
+    assert "generation" in json.loads((out / "costs.json").read_text())["phases"]
+    assert main(argv) == 0  # a rerun continues the finished run: nothing added
+    assert len((out / "pairs.jsonl").read_text().splitlines()) == 2

@@ -473,7 +473,11 @@ def _figures(summary: Mapping[str, Any], logs: Mapping[str, list[dict[str, Any]]
             pts = [(h["step"], h["reward_accuracy"]) for h in hist
                    if h.get("reward_accuracy") is not None and h.get("step") is not None]
             if pts:
-                ax.plot([x for x, _ in pts], [y for _, y in pts], marker=".", label=name)
+                xs, ys = [x for x, _ in pts], [y for _, y in pts]
+                line = ax.plot(xs, ys, ".", alpha=0.35)[0]
+                w = 5  # a training batch holds a few pairs: its accuracy is coarse; the line is a running mean
+                smooth = [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
+                ax.plot(xs, smooth, color=line.get_color(), label=f"{name} (running mean of {w})")
         ax.set_xlabel("training step")
         ax.set_ylabel("DPO reward accuracy (training batch)")
         ax.set_ylim(-0.05, 1.05)
