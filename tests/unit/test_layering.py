@@ -43,7 +43,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("L3 gen", ("gen",)),
     ("L4 runs", ("runs",)),
     ("L5 stages", ("directions", "steering", "layers", "scoring", "judges", "synthesis", "pairs", "calibration",
-                   "evaluation", "training", "preference", "controls", "serve", "reward_probe", "baselines")),
+                   "evaluation", "training", "preference", "controls", "serve", "reward_probe", "baselines", "distill")),
     ("L6 pipeline", ("pipeline",)),
     ("L7 cli", ("cli",)),
 ]
