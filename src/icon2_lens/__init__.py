@@ -16,16 +16,19 @@ The public surface::
     il.run_pipeline(out="runs/icon2")                         # everything, resumable, with costs and a report
     il.make_pairs("sampling_ranking", model, kept)           # a competing method, same seam and accounting
     il.compare(il.CompareConfig(n=64), out="runs/compare")    # Icon2 vs the baselines: cost, quality, controls
+    il.run_distill(il.DistillConfig(), out="runs/distill")    # Mind's Mirror: teacher data, students, accuracy
 
 Building blocks live in subpackages: `il.gen` (the engine seam), `il.math` (pure math), `il.runs`
 (batch runner, io, shards, costs), `il.judges`, `il.reports`, `il.pipeline`, and the stage modules
 (`il.pairs`, `il.scoring`, ...); the independent evidence in `il.preference` (judge-free margins on
-held-out human-written pairs) and `il.controls` (swapped and random-direction controls).
+held-out human-written pairs) and `il.controls` (swapped and random-direction controls); Mind's Mirror's parts in
+`il.distill` (problems, extraction rules, teacher data, answer probe, student).
 """
 
 # Building blocks reachable as il.gen, il.judges, il.math, il.reports, il.runs (redundant aliases: explicit re-exports).
 from . import baselines as baselines
 from . import controls as controls
+from . import distill as distill
 from . import gen as gen
 from . import judges as judges
 from . import math as math
@@ -43,7 +46,16 @@ from .instructions import load_instructions
 from .layers import layer_report
 from .models import LoadedModel, load_model
 from .pairs import PairsConfig, generate_pairs
-from .pipeline import CompareConfig, RunConfig, compare, load_config, merge_shards, run_pipeline
+from .pipeline import (
+    CompareConfig,
+    DistillConfig,
+    RunConfig,
+    compare,
+    load_config,
+    merge_shards,
+    run_distill,
+    run_pipeline,
+)
 from .preference import load_preference_set
 from .prompts import render_chat
 from .runs.costs import measure_costs
@@ -66,6 +78,8 @@ __all__ = [
     "evaluate", "load_preference_set", "make_controls",
     # the competing methods
     "make_pairs", "compare", "CompareConfig",
+    # Mind's Mirror (distilling rationales and self-evaluation into a student)
+    "run_distill", "DistillConfig",
     # runs
     "run_pipeline", "RunConfig", "load_config", "merge_shards", "measure_costs",
 ]
