@@ -15,6 +15,8 @@ from icon2_lens.pipeline.run import STAGES, RunConfig, load_config, run_pipeline
 from conftest import INSTRUCTIONS
 
 EXTRA = ["Name three rivers in Africa.", "Why is the sky blue?"]
+#: Stages that do nothing unless asked (compare: no methods listed; distill: not enabled); they take no time.
+OFF_BY_DEFAULT = ("compare", "distill")
 
 
 def _config(model_dir, instructions_file, **over) -> dict:
@@ -55,7 +57,8 @@ def test_full_run_writes_every_stage_with_costs_and_a_report(finished_run):
     assert [s for s, e in manifest.items() if e["status"] == "finished"] == list(STAGES)
     for stage in STAGES:
         costs = json.loads((out / stage / "costs.json").read_text())
-        assert costs["stage"] == stage and costs["wall_seconds"] > (0 if stage != "synthesize" else -1)
+        assert costs["stage"] == stage
+        assert costs["wall_seconds"] > (0 if stage not in ("synthesize", *OFF_BY_DEFAULT) else -1)
     by = {c.stage: c for c in res.costs}
     assert by["generate"].generated_tokens > 0 and by["generate"].rows == 4  # top_k 4 -> 4 pairs
     assert by["extract"].forward_passes > 0 and by["train"].forward_passes == 2  # 1 step: policy + reference
@@ -95,8 +98,8 @@ def test_changed_setting_reruns_exactly_the_downstream_stages(finished_run, talk
         run_pipeline(changed, out=out, progress=False, log=None)
     assert yaml.safe_load((out / "config.yaml").read_text())["generate"]["gamma_pos"] == 1.0  # untouched
     res = run_pipeline(changed, out=out, update=True, progress=False, log=None)
-    assert res.ran == ["generate", "train", "controls", "evaluate"]
-    assert res.skipped == ["extract", "layers", "synthesize", "score"]
+    assert res.ran == ["generate", "train", "controls", "evaluate", "compare"]
+    assert res.skipped == ["extract", "layers", "synthesize", "score", "distill"]
     pairs = [json.loads(x) for x in (out / "generate" / "pairs.jsonl").read_text().splitlines()]
     assert {p["gamma_pos"] for p in pairs} == {0.2}
 
@@ -107,8 +110,8 @@ def test_a_deleted_stage_folder_reruns_it_and_its_downstream(finished_run, tmp_p
     shutil.copytree(src, out)
     shutil.rmtree(out / "score")
     res = run_pipeline(None, out=out, progress=False, log=None)
-    assert res.ran == ["score", "generate", "train", "controls", "evaluate"]
-    assert res.skipped == ["extract", "layers", "synthesize"]
+    assert res.ran == ["score", "generate", "train", "controls", "evaluate", "compare"]
+    assert res.skipped == ["extract", "layers", "synthesize", "distill"]
 
 
 def test_a_stage_killed_after_writing_its_outputs_resumes(finished_run, tmp_path):
@@ -122,17 +125,18 @@ def test_a_stage_killed_after_writing_its_outputs_resumes(finished_run, tmp_path
     messages = []
     res = run_pipeline(None, out=out, progress=False, log=messages.append)
     assert any("extract: resuming" in m for m in messages)
-    assert res.ran == ["extract", "layers", "score", "generate", "train", "controls", "evaluate"]
-    assert res.skipped == ["synthesize"]
+    assert res.ran == ["extract", "layers", "score", "generate", "train", "controls", "evaluate", "compare"]
+    assert res.skipped == ["synthesize", "distill"]
 
 
 def test_stage_keys_follow_the_dependencies():
     base = stage_keys(RunConfig())
     for section, value, expected in [
         ("extract", {"n_instructions": 32}, {"extract", "layers", "score", "generate", "train", "controls",
-                                             "evaluate"}),
-        ("synthesize", {"n": 8}, {"synthesize", "score", "generate", "train", "controls", "evaluate"}),
+                                             "evaluate", "compare"}),
+        ("synthesize", {"n": 8}, {"synthesize", "score", "generate", "train", "controls", "evaluate", "compare"}),
         ("evaluate", {"n": 4}, {"evaluate"}),
+        ("distill", {"n_problems": 8}, {"distill"}),
     ]:
         keys = stage_keys(RunConfig.model_validate({section: value}))
         assert {s for s in STAGES if keys[s] != base[s]} == expected, section

@@ -1,7 +1,8 @@
 """The ``icon2-lens`` subcommands (`COMMANDS`): what each reads, runs and writes.
 
 The stage commands and the helpers every command shares are in `icon2_lens.cli.stage_commands`;
-calibrate, run, merge and serve in `icon2_lens.cli.run_commands`. This module is the registry that
+calibrate, run, merge and serve in `icon2_lens.cli.run_commands`; baseline and compare in
+`icon2_lens.cli.method_commands`; distill in `icon2_lens.cli.distill_commands`. This module is the registry that
 `icon2_lens.cli.build_parser` reads.
 """
 
@@ -21,7 +22,7 @@ from ..pipeline.compare import CompareConfig
 from ..scoring import ScoreConfig
 from ..synthesis import SynthesisConfig
 from ..training import TrainConfig
-from . import method_commands, run_commands, stage_commands
+from . import distill_commands, method_commands, run_commands, stage_commands
 from .options import config_from_args
 from .stage_commands import add_model_args, load
 
@@ -77,6 +78,10 @@ COMMANDS: dict[str, Command] = {
                         make_config=method_commands.baseline_config,
                         help="pairs from a competing method (system_prompts, sampling_ranking, ...) on the same "
                              "seam, batch runner and cost accounting as Icon2"),
+    "distill": Command(distill_commands.distill_args, distill_commands.distill_command, uses_model=False,
+                       make_config=distill_commands.distill_config,
+                       help="Mind's Mirror: teacher rationales and self-evaluations (data), a student (train), or "
+                            "everything with three students and their test accuracy (run)"),
     "run": Command(run_commands.run_args, run_commands.run_command, uses_model=False,
                    help="the whole method, resumable: extract, layers, synthesize, score, generate, train, controls, "
                         "evaluate "

@@ -35,6 +35,7 @@ from ..scoring import ScoreConfig, save_scores, score_instructions, scoring_laye
 from ..synthesis import SynthesisConfig, synthesize_instructions
 from ..training import TrainConfig, train
 from .compare import COMPARE_JSON, CompareConfig, compare_methods
+from .distill_run import DISTILL_METRICS, DistillConfig, run_distill
 
 __all__ = ["StageSpec", "StageContext", "STAGES"]
 
@@ -125,6 +126,16 @@ class EvaluateInputs:
     judge: str | None = None
     judge_model: str | None = None
     n_preference: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillInputs:
+    """``enabled``: run Mind's Mirror in this run (off by default); ``teacher`` and ``student``: model sources
+    (``null``: the run's model: it distils into a fresh copy of itself)."""
+
+    enabled: bool = False
+    teacher: str | None = None
+    student: str | None = None
 
 
 def _config_of(cls: type, section: Any) -> Any:
@@ -248,6 +259,17 @@ def _compare(ctx: StageContext, folder: Path, meter: CostMeter, cfg: CompareConf
     return len(res.summary["methods"]), [folder / COMPARE_JSON, res.report]
 
 
+def _distill(ctx: StageContext, folder: Path, meter: CostMeter, cfg: DistillConfig,
+             sec: Any) -> tuple[int, list[Path]]:
+    if not sec.enabled:
+        return 0, []
+    res = run_distill(cfg, teacher=sec.teacher if sec.teacher is not None else ctx.cfg.model,
+                      student=sec.student if sec.student is not None else ctx.cfg.model, out=folder,
+                      seed=ctx.cfg.seed, device=ctx.cfg.device, progress=ctx.progress)
+    paths = [folder / DISTILL_METRICS, *([res.report] if res.report is not None else [])]
+    return res.metrics["split"]["n_test"], [*paths, *([res.student] if res.student is not None else [])]
+
+
 def _one_selection_rule(data: Any) -> Any:
     """Giving ``top_fraction`` or ``threshold`` replaces the demo's default ``top_k`` rule."""
     if isinstance(data, dict) and "top_k" not in data and (
@@ -284,4 +306,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("compare", ("layers", "score", "generate"), CompareConfig, _compare, uses_model=lambda section: False,
               pipeline_defaults={"methods": []},  # a run compares only when methods are listed
               help="the competing methods on the run's instructions and budget, one model each, compared"),
+    StageSpec("distill", (), DistillConfig, _distill, extra=DistillInputs, uses_model=lambda section: False,
+              help="Mind's Mirror (off unless distill.enabled): teacher rationales and self-evaluations, three "
+                   "students, their test accuracy"),
 )}
