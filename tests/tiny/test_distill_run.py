@@ -121,6 +121,14 @@ def test_run_distill_writes_the_layout_reuses_and_reruns_what_changed(talker_dir
     again = run_distill(CFG, teacher=talker_dir, student=talker_dir, out=out, device="cpu", progress=False, log=None)
     assert again.ran == [] and scripted.calls == calls and again.metrics == metrics
 
+    narrower = run_distill(replace(CFG, level=0.5), teacher=talker_dir, student=talker_dir, out=out, device="cpu",
+                           progress=False, log=None)
+    assert narrower.ran == [] and narrower.metrics["level"] == 0.5  # intervals are recomputed, nothing re-run
+    for name in STUDENTS:
+        wide, narrow = metrics["students"][name], narrower.metrics["students"][name]
+        assert narrow["ci_high"] - narrow["ci_low"] < wide["ci_high"] - wide["ci_low"]
+    assert json.loads((out / "data" / "teacher_summary.json").read_text())["test"]["level"] == 0.5
+
     teacher_mtime = (out / "teacher" / "teacher.jsonl").stat().st_mtime_ns
     changed = run_distill(replace(CFG, learning_rate=1e-3), teacher=talker_dir, student=talker_dir, out=out,
                           device="cpu", progress=False, log=None)
@@ -128,6 +136,27 @@ def test_run_distill_writes_the_layout_reuses_and_reruns_what_changed(talker_dir
                            "evaluate:multi", "evaluate:multi_self_eval"]
     assert (out / "teacher" / "teacher.jsonl").stat().st_mtime_ns == teacher_mtime and scripted.calls == calls
     assert json.loads((out / "student" / "student_config.json").read_text())["learning_rate"] == 1e-3
+
+
+def test_an_interrupted_teacher_step_resumes_where_it_stopped(talker_dir, monkeypatch, tmp_path):
+    class Interrupted(ScriptedTeacher):
+        def generate(self, prompts, decoding, *, seed=0, **kw):
+            if self.calls >= 16:  # batch 0 done (8 rationales, 8 evaluations): die in batch 1
+                raise KeyboardInterrupt
+            return super().generate(prompts, decoding, seed=seed, **kw)
+
+    monkeypatch.setattr(teacher_mod, "engine", lambda model: Interrupted())
+    out = tmp_path / "mm"
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(CFG, teacher=talker_dir, out=out, device="cpu", progress=False, log=None, stop_after="data")
+    assert json.loads((out / "steps.json").read_text())["teacher"]["status"] == "running"
+    assert len((out / "teacher" / "teacher.jsonl").read_text().splitlines()) == 4
+    eng = ScriptedTeacher()
+    monkeypatch.setattr(teacher_mod, "engine", lambda model: eng)
+    res = run_distill(CFG, teacher=talker_dir, out=out, device="cpu", progress=False, log=None, stop_after="data")
+    assert res.ran == ["teacher", "data"] and eng.calls == 16  # only batch 1 was made
+    rows = [json.loads(x) for x in (out / "teacher" / "teacher.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(8)) and res.metrics == {} and res.report is None
 
 
 def test_teacher_data_without_answers_is_refused_before_training(talker_dir, monkeypatch, tmp_path):

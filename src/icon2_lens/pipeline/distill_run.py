@@ -473,7 +473,7 @@ def run_distill(
 
     # ---- (c) the datasets (train questions) and the teacher's summary ----
     ddir = root / "data"
-    data_digest = _sha(["data", teacher_digest, cfg.correct_only, cfg.level])
+    data_digest = _sha(["data", teacher_digest, cfg.correct_only])
     if not steps.current("data", data_digest) or not (ddir / "provenance.json").is_file():
         steps.begin("data", data_digest, ddir)
         done = step("data", "rationale and self-evaluation datasets from the train questions")
@@ -481,9 +481,6 @@ def run_distill(
         sev = self_eval_dataset(train_rows).to_list()
         _write_jsonl(ddir / "rationales.jsonl", rat)
         _write_jsonl(ddir / "self_eval.jsonl", sev)
-        atomic_write_text(ddir / "teacher_summary.json", json.dumps(
-            {"train": teacher_summary(train_rows, level=cfg.level),
-             "test": teacher_summary(test_rows, level=cfg.level)}, indent=2))
         atomic_write_text(ddir / "provenance.json", json.dumps({
             "teacher": teacher_settings.get("model"), "teacher_fingerprint": teacher_settings.get("fingerprint"),
             "teacher_source": _source(teacher), "teacher_settings": teacher_settings, "seed": seed,
@@ -498,6 +495,9 @@ def run_distill(
                                      "rationale_correct, source_index, rationale_index, evaluation_index"}},
             indent=2))
         done()
+    atomic_write_text(ddir / "teacher_summary.json", json.dumps(  # cheap, and its intervals follow `level`
+        {"train": teacher_summary(train_rows, level=cfg.level), "test": teacher_summary(test_rows, level=cfg.level)},
+        indent=2))
     rat_rows = read_jsonl(ddir / "rationales.jsonl")
     sev_rows = read_jsonl(ddir / "self_eval.jsonl")
     if stop_after == "data":
@@ -505,7 +505,7 @@ def run_distill(
 
     # ---- (d) the answer probe vs the text self-evaluation ----
     qdir = root / "probe"
-    probe_digest = _sha(["probe", teacher_digest, cfg.probe, cfg.level])
+    probe_digest = _sha(["probe", teacher_digest])  # its intervals are recomputed at `level` in the metrics
     if cfg.probe and (not steps.current("probe", probe_digest) or not (qdir / "probe.json").is_file()):
         steps.begin("probe", probe_digest, qdir)
         done = step("probe", "answer probe on the teacher's residual stream: fit on train, check on test")
