@@ -550,7 +550,8 @@ def compare_markdown(summary: Mapping[str, Any], *, figures: Mapping[str, str] |
                  f"{summary['pool_cost']['wall_seconds']:.0f} s)." if summary.get("pool_cost") else "."), "",
               f"## Quality on held-out preference pairs ({pct}% intervals)", "",
               "| model | trained pairs | margin shift vs base | preference accuracy | implicit reward accuracy "
-              "| vs Icon2 (paired) | chosen / rejected words in its data |", "|---|---|---|---|---|---|---|"]
+              "| Icon2 minus this model (paired) | chosen / rejected words in its data |",
+              "|---|---|---|---|---|---|---|"]
     base = summary["base"]["all"]
     lines.append(f"| base | - | 0 | {base['preference_accuracy']:.3f} | - | - | - |")
     for name, m in models.items():
@@ -565,7 +566,8 @@ def compare_markdown(summary: Mapping[str, Any], *, figures: Mapping[str, str] |
                      f"[{q['margin_shift_ci_low']:+.4f}, {q['margin_shift_ci_high']:+.4f}] | "
                      f"{q['preference_accuracy']:.3f} | {_fmt(q['implicit_reward_accuracy'], '.3f')} | {vs} | "
                      f"{_fmt(words.get('chosen'), '.0f')} / {_fmt(words.get('rejected'), '.0f')} |")
-    lines += ["", "A method whose paired interval against Icon2 includes zero is *not distinguishable* from Icon2 at "
+    lines += ["", "\"above\": Icon2's model has the higher margin. A method whose paired interval against Icon2 "
+              "includes zero is *not distinguishable* from Icon2 at "
               "this size; the swapped control (Icon2's pairs with chosen and rejected exchanged, trained alike) "
               "shows how far the same training moves the margin the wrong way.", ""]
     if "quality" in figures:
