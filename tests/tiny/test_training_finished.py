@@ -33,7 +33,7 @@ def test_finished_only_is_the_default():
 
 def test_pairs_dataset_drops_and_counts():
     ds, counts = _pairs_dataset(MIXED, finished_only=True)
-    assert counts == {"given": 6, "dropped": 3, "trimmed": 0} and len(ds) == 3
+    assert counts == {"given": 6, "not_pairs": 0, "dropped": 3, "trimmed": 0} and len(ds) == 3
     assert [r["prompt"][0]["content"] for r in ds] == ["Question number 0?", "Question number 2?",
                                                        "Question number 4?"]
     assert set(ds.column_names) == {"prompt", "chosen", "rejected"}
@@ -47,7 +47,7 @@ def test_trim_unfinished_cuts_at_the_last_sentence_and_drops_what_cannot_be_trim
     hopeless = _row(8, rejected_finished=False)
     hopeless["rejected"] = [{"role": "assistant", "content": "an answer that never reaches the end of its sentence"}]
     ds, counts = _pairs_dataset([_row(0), cut, hopeless], finished_only=True, trim=True)
-    assert counts == {"given": 3, "dropped": 1, "trimmed": 1}
+    assert counts == {"given": 3, "not_pairs": 0, "dropped": 1, "trimmed": 1}
     assert [r["chosen"][0]["content"] for r in ds] == ["A clear and helpful answer 0.", "Boil the water first and salt it well."]
 
 
@@ -93,3 +93,13 @@ def test_cli_no_finished_only(tiny_model_dir, tmp_path, capsys):
     assert "--no-finished-only" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "b"), "--no-finished-only"]) == 0
     assert json.loads((tmp_path / "b" / "train_config.json").read_text())["n_pairs"] == 3
+
+
+def test_pairs_dataset_skips_rows_that_are_not_pairs():
+    pair = {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a."}],
+            "rejected": [{"role": "assistant", "content": "b."}]}
+    rows = [pair, {**pair, "chosen": None, "rejected": None, "kept": False, "drop_reason": "tie"}]
+    ds, counts = _pairs_dataset(rows)
+    assert len(ds) == 1 and counts["not_pairs"] == 1 and counts["given"] == 2
+    with pytest.raises(ValueError, match="kept pair"):
+        _pairs_dataset(rows[1:])
