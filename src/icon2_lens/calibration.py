@@ -32,6 +32,7 @@ module samples, generates and scores the sweep and reports it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import warnings
@@ -44,6 +45,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from .directions import DirectionSet, instruction_hash
+from .errors import BadFileError, read_text
 from .judges import Judge, ProbeScorer, Scorer, is_pairwise
 from .math.gamma import bootstrap_choices, check_win_threshold, choose_gammas, cumulative_push, gamma_grid
 from .math.text import distinct_n, is_degenerate
@@ -148,8 +150,34 @@ class CalibrationResult:
         return paths
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+#: The settings a ``gammas.yaml`` may hold, with a test of their type and what that type is, in words.
+_GAMMAS_TYPES: dict[str, tuple[Any, str]] = {
+    "gamma_pos": (_is_number, "a finite number"),
+    "gamma_neg": (_is_number, "a finite number"),
+    "layers": (lambda v: v in ("suggested", "all") or (isinstance(v, list) and v != [] and all(
+        isinstance(x, int) and not isinstance(x, bool) for x in v)), "'suggested', 'all' or a list of layer numbers"),
+    "scale": (lambda v: isinstance(v, str), "text"),
+    "positions": (lambda v: isinstance(v, str), "text"),
+    "criterion": (lambda v: v is None or isinstance(v, str), "a criterion name"),
+    "engine": (lambda v: isinstance(v, str), "text"),
+    "max_new_tokens": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
+    "batch_size": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
+    "do_sample": (lambda v: isinstance(v, bool), "true or false"),
+    "temperature": (_is_number, "a finite number"),
+    "top_p": (_is_number, "a finite number"),
+    "repetition_penalty": (_is_number, "a finite number"),
+}
+
+
 def load_gammas(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a ``gammas.yaml`` written by `CalibrationResult.save` (or a folder holding one).
+
+    A file that does not parse, lacks ``gamma_pos``/``gamma_neg`` or holds a value of the wrong type (a
+    list for a number, ``.nan``) is a `icon2_lens.errors.BadFileError` naming it.
 
     Examples:
         >>> load_gammas("runs/calibration")["gamma_pos"]  # doctest: +SKIP
@@ -160,9 +188,21 @@ def load_gammas(path: str | os.PathLike[str]) -> dict[str, Any]:
         p = p / "gammas.yaml"
     if not p.is_file():
         raise FileNotFoundError(f"{p} does not exist; run `icon2-lens calibrate` first or pass the gammas directly.")
-    data = yaml.safe_load(p.read_text())
+    todo = ("Fix the value in the file, or run `icon2-lens calibrate` again to write a new gammas.yaml "
+            "(or leave out --gammas and give --gamma-pos/--gamma-neg).")
+    text = read_text(p, what="a gammas.yaml written by `icon2-lens calibrate`", todo=todo)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1}: {getattr(exc, 'problem', '')})" if mark else ""
+        raise BadFileError(p, f"is not valid YAML{at}", todo) from exc
     if not isinstance(data, dict) or "gamma_pos" not in data or "gamma_neg" not in data:
-        raise ValueError(f"{p} has no gamma_pos/gamma_neg; it is not a calibration output.")
+        raise BadFileError(p, "has no gamma_pos/gamma_neg; it is not a calibration output", todo)
+    for key, value in data.items():
+        test, want = _GAMMAS_TYPES.get(key, (None, ""))
+        if test is not None and not test(value):
+            raise BadFileError(p, f"{key} is {value!r}, not {want}", todo)
     return data
 
 

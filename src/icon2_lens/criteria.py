@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from .errors import BadFileError, BadInputError, read_text
+
 __all__ = ["Criterion", "DEFAULT_CRITERIA", "load_criteria", "resolve_criteria"]
 
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
@@ -82,32 +84,53 @@ DEFAULT_CRITERIA: tuple[Criterion, ...] = (
 )
 
 
+_FILE_TODO = ("Write a YAML list of criteria, each with name, positive and negative as text, e.g. "
+              "'- {name: concise, positive: Be brief., negative: Be long-winded.}' (CLI: --criteria FILE).")
+
+
 def _from_mapping(items: Any, where: str) -> list[Criterion]:
+    """Criteria from parsed YAML; a `BadFileError` naming ``where`` (the file) for anything else."""
     if isinstance(items, dict) and "criteria" in items:
         items = items["criteria"]
     if isinstance(items, dict):  # {name: {positive, negative}}
         items = [{"name": k, **(v or {})} if isinstance(v, dict) else {"name": k, "value": v} for k, v in items.items()]
     if not isinstance(items, list) or not items:
-        raise ValueError(
-            f"{where}: expected a non-empty list of criteria, each with name, positive and negative "
-            "(or a mapping name -> {positive, negative})."
-        )
+        raise BadFileError(where, "expected a non-empty list of criteria, each with name, positive and negative "
+                           "(or a mapping name -> {positive, negative})", _FILE_TODO)
     out = []
     for i, item in enumerate(items):
         if not isinstance(item, dict) or set(item) != {"name", "positive", "negative"}:
-            keys = sorted(item) if isinstance(item, dict) else type(item).__name__
-            raise ValueError(
-                f"{where}: criterion #{i} has keys {keys}; each criterion needs exactly name, positive, negative."
-            )
-        out.append(Criterion(str(item["name"]), str(item["positive"]), str(item["negative"])))
+            keys = sorted(map(str, item)) if isinstance(item, dict) else type(item).__name__
+            raise BadFileError(where, f"criterion #{i} has keys {keys}; each criterion needs exactly name, positive, "
+                               "negative", _FILE_TODO)
+        label = f"criterion #{i} ({item['name']!r})"
+        bad = {k: v for k, v in item.items() if not isinstance(v, str)}
+        if bad:  # a list or a number would otherwise become its Python text ("['You are brief.']", "42")
+            got = ", ".join(f"{k} is a {_yaml_type(v)}" for k, v in bad.items())
+            raise BadFileError(where, f"{label}: {got}, not text", "Give each of name, positive and negative as one "
+                               "string (quote it if YAML would read it as a number, a list or yes/no).")
+        try:
+            out.append(Criterion(item["name"], item["positive"], item["negative"]))
+        except ValueError as exc:
+            raise BadFileError(where, f"{label}: {exc}") from exc  # the message says what to do
+    try:
+        _check_unique(out)
+    except ValueError as exc:
+        raise BadFileError(where, str(exc), "Give each criterion its own name.") from exc
     return out
+
+
+def _yaml_type(value: Any) -> str:
+    return {list: "list", dict: "mapping", bool: "yes/no value", type(None): "empty value"}.get(
+        type(value), "number" if isinstance(value, (int, float)) else type(value).__name__)
 
 
 def load_criteria(path: str | Path) -> list[Criterion]:
     """Read criteria from a YAML file.
 
     The file holds either a list of ``{name, positive, negative}`` mappings (optionally under a
-    top-level ``criteria:`` key) or a mapping ``name: {positive, negative}``.
+    top-level ``criteria:`` key) or a mapping ``name: {positive, negative}``. Every value must be text; a
+    file that does not parse or holds anything else is a `icon2_lens.errors.BadFileError` naming it.
 
     Examples:
         >>> # criteria.yaml:  - {name: concise, positive: "Be brief.", negative: "Be long-winded."}
@@ -116,20 +139,21 @@ def load_criteria(path: str | Path) -> list[Criterion]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Criteria file {path} does not exist; pass a YAML file with name/positive/negative.")
+    text = read_text(path, what="a criteria YAML file", todo=_FILE_TODO)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ValueError(f"Criteria file {path} is not valid YAML: {exc}") from exc
-    crits = _from_mapping(data, str(path))
-    _check_unique(crits)
-    return crits
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1}: {getattr(exc, 'problem', '')})" if mark else ""
+        raise BadFileError(path, f"is not valid YAML{at}", _FILE_TODO) from exc
+    return _from_mapping(data, str(path))
 
 
 def _check_unique(crits: Sequence[Criterion]) -> None:
     names = [c.name for c in crits]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ValueError(f"Criterion names must be unique; repeated: {dup}.")
+        raise BadInputError(f"Criterion names must be unique; repeated: {dup}.", option="criteria")
 
 
 def resolve_criteria(

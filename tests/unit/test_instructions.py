@@ -63,18 +63,18 @@ def test_from_jsonl(tmp_path):
     q = tmp_path / "prompts.jsonl"
     q.write_text("\n".join(json.dumps({"prompt": x}) for x in ITEMS))
     assert il.load_instructions(q, column="prompt") == ITEMS
-    with pytest.raises(ValueError, match=r"prompts\.jsonl:1 has no 'instruction' field"):
+    with pytest.raises(ValueError, match=r"prompts\.jsonl: line 1 has no 'instruction' field"):
         il.load_instructions(q)
 
 
 def test_malformed_jsonl_names_the_line(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text(json.dumps({"instruction": "ok"}) + "\n" + '{"instruction": "broken\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2 is not valid JSON"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl: line 2 is not valid JSON"):
         il.load_instructions(p)
     q = tmp_path / "num.jsonl"
     q.write_text('"ok"\n\n42\n')
-    with pytest.raises(ValueError, match=r"num\.jsonl:3"):
+    with pytest.raises(ValueError, match=r"num\.jsonl: line 3 is a number"):
         il.load_instructions(q)
 
 

@@ -21,7 +21,7 @@ from ..evaluation import EvaluateConfig, evaluate, pair_report
 from ..instructions import load_instructions
 from ..judges import ProbeScorer, make_judge
 from ..layers import LayersConfig, layer_report, split_half_stability
-from ..models import LoadedModel, load_model
+from ..models import LoadedModel, load_model, read_chat_template
 from ..pairs import PairsConfig, generate_pairs, table_rows
 from ..preference import load_preference_set
 from ..runs import names
@@ -63,7 +63,7 @@ def load(args: argparse.Namespace) -> LoadedModel:
         if not args.chat_template.is_file():
             raise FileNotFoundError(f"--chat-template {args.chat_template} does not exist; "
                                     "pass a file with a Jinja template.")
-        template = args.chat_template.read_text(encoding="utf-8")
+        template = read_chat_template(args.chat_template)  # a template that does not compile names the file
     return load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype),
                       local_files_only=not args.allow_download, chat_template=template)
 

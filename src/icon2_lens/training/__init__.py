@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from ..errors import BadFileError, BadInputError, read_text, reading
 from ..hardware import choose_precision
 from ..models import resolve_source
 from ..reports import train_curve_figure
@@ -69,7 +70,9 @@ def load_train_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     p = Path(path)
     if p.is_dir():
         p = p / "train_log.jsonl"
-    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+    with reading(p, what="a training log (JSONL) written by `icon2-lens train`",
+                 todo="Pass a training output folder or its train_log.jsonl."):
+        return [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
 def train_curve(history: list[dict[str, Any]], *,
@@ -98,28 +101,98 @@ def _trimmed(row: dict[str, Any]) -> dict[str, Any] | None:
     return out
 
 
+_PAIRS_TODO = ("Each line must be a JSON object with 'prompt', 'chosen' and 'rejected', each a non-empty text or a "
+               "list of chat messages ({'role': ..., 'content': text}), as `icon2-lens generate` writes them.")
+
+
+def _read_pairs_file(path: Path) -> list[tuple[int, Any]]:
+    """The rows of a pairs JSONL file with their line numbers; a line that is not JSON is an error naming both."""
+    text = read_text(path, what="a pairs file (JSONL)", todo=_PAIRS_TODO)
+    out = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                out.append((i, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise BadFileError(path, f"line {i} is not valid JSON (column {exc.colno}: {exc.msg})",
+                                   _PAIRS_TODO) from exc
+    return out
+
+
+def _json_kind(value: object) -> str:
+    """A JSON value's kind in words ("a number", "a list", "null")."""
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {list: "a list", dict: "an object", str: "a string", type(None): "null"}.get(type(value),
+                                                                                        type(value).__name__)
+
+
+def _side_problem(key: str, value: Any) -> str | None:
+    if isinstance(value, str):
+        return None if value.strip() else f"{key!r} is empty"
+    if isinstance(value, list) and value:
+        for m in value:
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                return f"{key!r} is a list whose items are not chat messages with text 'role' and 'content'"
+        return None
+    kind = "an empty list" if isinstance(value, list) else _json_kind(value)
+    return f"{key!r} is {kind}, not text or a list of chat messages"
+
+
+def _pair_problem(row: Any) -> str | None:
+    """What keeps ``row`` from being a training pair TRL can read, or ``None``."""
+    if not isinstance(row, dict):
+        return f"it is {_json_kind(row)}, not a JSON object"
+    missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
+    if missing:
+        return f"it lacks {', '.join(repr(k) for k in missing)}"
+    for key in ("prompt", "chosen", "rejected"):
+        problem = _side_problem(key, row[key])
+        if problem is not None:
+            return problem
+    if len({isinstance(row[k], str) for k in ("prompt", "chosen", "rejected")}) > 1:
+        return "'prompt', 'chosen' and 'rejected' mix plain text and chat messages; use one form for all three"
+    return None
+
+
 def _pairs_dataset(pairs: Any, *, finished_only: bool = False,
                    trim: bool = False) -> tuple[datasets.Dataset, dict[str, int]]:
     from datasets import Dataset
 
+    where: Path | None = None
     if isinstance(pairs, (str, os.PathLike)):
         p = Path(pairs)
         p = p / "pairs.jsonl" if p.is_dir() else p
         if not p.is_file():
             raise FileNotFoundError(f"{p} does not exist; generate pairs first (`icon2-lens generate`).")
-        rows = [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
+        where = p
+        numbered = _read_pairs_file(p)
     else:
-        rows = [dict(r) for r in pairs]
+        numbered = [(i, r if not isinstance(r, dict) else dict(r)) for i, r in enumerate(pairs, 1)]
+    if not numbered and where is not None:
+        raise BadFileError(where, "holds no pairs (it is empty)", "Generate pairs first (`icon2-lens generate`).")
+    if not numbered:
+        raise BadInputError("No pairs to train on; generate pairs first (`icon2-lens generate`).", option="pairs")
+    not_pairs = 0
+    rows = []
+    for line, r in numbered:
+        if isinstance(r, dict) and r.get("kept") is False:  # a method's row that gave no pair (e.g. a tie)
+            not_pairs += 1
+            continue
+        problem = _pair_problem(r)
+        if problem is not None:
+            if where is not None:
+                raise BadFileError(where, f"line {line}: {problem}", _PAIRS_TODO)
+            raise BadInputError(f"Pairs row {line}: {problem}. {_PAIRS_TODO}", option="pairs")
+        rows.append(r)
     if not rows:
-        raise ValueError("No pairs to train on; generate pairs first (`icon2-lens generate`).")
-    missing = {"prompt", "chosen", "rejected"} - set(rows[0])
-    if missing:
-        raise ValueError(f"The pairs lack {sorted(missing)}; pass the output of generate_pairs.")
-    not_pairs = sum(1 for r in rows if r.get("kept") is False)  # a method's row that gave no pair (e.g. a tie)
-    rows = [r for r in rows if r.get("kept") is not False]
-    if not rows:
-        raise ValueError(f"None of the {not_pairs} rows is a kept pair (every row has kept: false, e.g. the judge "
-                         "could not decide); make pairs for more instructions.")
+        problem = (f"None of the {not_pairs} rows is a kept pair (every row has kept: false, e.g. the judge could not "
+                   "decide)")
+        if where is not None:
+            raise BadFileError(where, problem, "Make pairs for more instructions.")
+        raise BadInputError(f"{problem}; make pairs for more instructions.", option="pairs")
     counts = {"given": len(rows) + not_pairs, "not_pairs": not_pairs, "dropped": 0, "trimmed": 0}
     if finished_only or trim:
         kept = []
@@ -210,10 +283,13 @@ def train(
         reason = f"asked for; auto would choose {auto}: {reason}"
     log(f"training precision: {precision} ({reason})"
         + ("; gradient checkpointing on" if config.gradient_checkpointing else ""))
-    tokenizer = AutoTokenizer.from_pretrained(hf_path, local_files_only=True)
+    model_label = hf_path if model_source is None else str(model_source)
+    model_todo = "Pass a model folder written by save_pretrained, a .gguf file or an HF id (CLI: --model)."
+    with reading(model_label, what="an HF causal language model", todo=model_todo):
+        tokenizer = AutoTokenizer.from_pretrained(hf_path, local_files_only=True)
+        policy = AutoModelForCausalLM.from_pretrained(hf_path, local_files_only=True, dtype=torch.float32)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    policy = AutoModelForCausalLM.from_pretrained(hf_path, local_files_only=True, dtype=torch.float32)
     ref = None
     peft_config = None
     if config.lora:
@@ -224,7 +300,8 @@ def train(
         peft_config = LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0,
                                  task_type="CAUSAL_LM")
     elif config.objective == "dpo":  # SimPO has no reference model
-        ref = AutoModelForCausalLM.from_pretrained(hf_path, local_files_only=True, dtype=torch.float32)
+        with reading(model_label, what="an HF causal language model", todo=model_todo):
+            ref = AutoModelForCausalLM.from_pretrained(hf_path, local_files_only=True, dtype=torch.float32)
     if costs is not None:
         for m in (policy, ref):
             if m is not None:
