@@ -26,8 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["Icon2Error", "BadInputError", "BadFileError", "reading", "read_text", "read_json", "read_yaml",
-           "check_finite", "public_path"]
+__all__ = ["Icon2Error", "BadInputError", "BadFileError", "MissingFileError", "reading", "read_text", "read_json",
+           "read_yaml", "check_finite", "public_path"]
 
 T = TypeVar("T")
 
@@ -59,6 +59,13 @@ class BadFileError(BadInputError):
         self.path = str(path)
         self.problem, self.todo = problem.rstrip(". "), todo.strip()
         super().__init__(f"{self.path}: {self.problem}." + (f" {self.todo}" if self.todo else ""))
+
+
+class MissingFileError(BadFileError, FileNotFoundError):
+    """A file the user named that does not exist (also a ``FileNotFoundError``, as callers may expect)."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str, todo: str = "") -> None:
+        BadFileError.__init__(self, path, problem, todo)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -93,7 +100,7 @@ def reading(path: str | os.PathLike[str], *, what: str, todo: str = "") -> Itera
     except BadInputError:
         raise
     except FileNotFoundError as exc:
-        raise BadFileError(path, f"{what} was expected here, and there is no such file", todo) from exc
+        raise MissingFileError(path, f"{what} was expected here, and there is no such file", todo) from exc
     except IsADirectoryError as exc:
         raise BadFileError(path, f"is a folder, not {what}", todo) from exc
     except PermissionError as exc:
@@ -102,8 +109,10 @@ def reading(path: str | os.PathLike[str], *, what: str, todo: str = "") -> Itera
     except UnicodeDecodeError as exc:
         raise BadFileError(path, f"is not UTF-8 text ({what} was expected)", todo) from exc
     except Exception as exc:  # any parse or integrity error of a user's file
-        raise BadFileError(path, f"is not readable as {what} ({type(exc).__name__}: {public_path(_one_line(exc))})",
-                           todo) from exc
+        kind = type(exc).__name__
+        if kind.islower():  # struct.error, zlib.error: say whose
+            kind = f"{type(exc).__module__}.{kind}"
+        raise BadFileError(path, f"is not readable as {what} ({kind}: {public_path(_one_line(exc))})", todo) from exc
 
 
 def _read(path: str | os.PathLike[str], parse: Callable[[str], T], *, what: str, todo: str) -> T:
