@@ -5,6 +5,23 @@ text already carries the template's BOS), sorted by length, left-padded with an 
 mask (the bridge derives position ids from it), and only ``act[:, -1, :]`` of the requested
 hook points is kept. The forward pass stops right after the last requested hook point, so no
 logits are computed and memory is ``prompts x layers x d_model`` plus one batch.
+
+**The context rule** (before any forward pass): an instruction prompt whose tokens, chat template included,
+exceed the model's context (``max_position_embeddings`` of its HF config, `context_length`) is refused with a
+`icon2_lens.errors.BadInputError` (``option="instructions"``) that says how many prompts are too long, the
+longest one's length and the context, and what to do (shorten or drop them, or use a model with a longer
+context). Nothing is truncated silently. It is applied where instructions enter a model:
+
+- `tokenize_texts` (extraction, scoring) and `icon2_lens.pairs.generate_steered` (steered pairs, calibration,
+  evaluation answers) check each batch's prompts;
+- the stages that loop over many batches (`icon2_lens.score_instructions`, `icon2_lens.generate_pairs`,
+  `icon2_lens.evaluate`) check all their prompts first (`check_context`), so a long instruction near the end
+  of a file is refused before the first batch, not after hours.
+
+Prompts that carry a *response* are exempt: `read_last_token` by default, the self-probe, a judge's prompt,
+continuation log-probs, and the engines themselves (`icon2_lens.gen`), on which the baselines feed a model its
+own answers back (self-rewarding, self-refine, SAO). A response is as long as a model made it, and tokens
+past the context are the model's own business (HF warns about them).
 """
 
 from __future__ import annotations
@@ -20,10 +37,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .errors import BadInputError
 from .models import LoadedModel
 
 __all__ = ["HookKind", "LastTokenReader", "hook_names", "hook_kind", "left_pad", "read_last_token", "tokenize_texts",
-           "resolve_layers"]
+           "resolve_layers", "context_length", "check_fits", "check_context"]
 
 #: Residual-stream hook points (TransformerLens names, ``blocks.{l}.hook_<kind>``).
 HookKind = Literal["resid_pre", "resid_mid", "resid_post"]
@@ -93,14 +111,73 @@ def hook_names(model: LoadedModel, hook: str, layers: Sequence[int]) -> list[str
     return names
 
 
-def tokenize_texts(model: LoadedModel, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text, without added special tokens (chat text carries its own BOS).
+def context_length(model: LoadedModel) -> int | None:
+    """The model's context in tokens: ``max_position_embeddings`` of its HF config (the bridge's ``n_ctx`` when the
+    config has none); ``None`` when neither says (then nothing is checked).
+
+    Examples:
+        >>> context_length(model)  # doctest: +SKIP
+        8192
+    """
+    bridge = getattr(model, "bridge", None)
+    config = getattr(getattr(bridge, "original_model", None), "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    n = getattr(config, "max_position_embeddings", None)
+    if not isinstance(n, int):
+        n = getattr(getattr(bridge, "cfg", None), "n_ctx", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def check_fits(lengths: Sequence[int], n_ctx: int | None, *, what: str = "prompts",
+               model_id: str = "the model") -> None:
+    """The context rule (module docs): refuse prompts of more than ``n_ctx`` tokens, naming how many and the longest.
+
+    Examples:
+        >>> check_fits([10, 20], 256)
+        >>> try:
+        ...     check_fits([10, 300, 400], 256, what="instructions", model_id="tiny")
+        ... except BadInputError as e:
+        ...     print(e.option, str(e)[:68])
+        instructions 2 of 3 instructions are longer than the context of tiny (256 tokens)
+    """
+    if n_ctx is None:
+        return
+    over = [n for n in lengths if n > n_ctx]
+    if over:
+        raise BadInputError(
+            f"{len(over)} of {len(lengths)} {what} {'is' if len(over) == 1 else 'are'} longer than the context of "
+            f"{model_id} ({n_ctx} tokens): the longest is {max(over)} tokens, chat template included. Shorten or "
+            "drop them (the long lines of the instructions file, CLI: --instructions), or use a model with a longer "
+            "context; nothing was run.", option="instructions")
+
+
+def check_context(model: LoadedModel, texts: Sequence[str], *, what: str = "prompts") -> None:
+    """Apply the context rule to all of a stage's rendered prompts at once, before its first forward pass.
+
+    Examples:
+        >>> check_context(model, prompts, what="instructions")  # doctest: +SKIP
+    """
+    n_ctx = context_length(model)
+    if n_ctx is None or not texts:
+        return
+    enc = model.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    check_fits([len(x) for x in enc], n_ctx, what=what, model_id=model.info.model_id)
+
+
+def tokenize_texts(model: LoadedModel, texts: Sequence[str], *, fit_context: bool = True) -> list[list[int]]:
+    """Token ids of each text, without added special tokens (chat text carries its own BOS); with ``fit_context``
+    (default) a text longer than the model's context is refused (the context rule, module docs).
 
     Examples:
         >>> tokenize_texts(model, ["<|im_start|>user\\nHi"])  # doctest: +SKIP
     """
     enc = model.tokenizer(list(texts), add_special_tokens=False)
-    return [list(ids) for ids in enc["input_ids"]]
+    ids = [list(x) for x in enc["input_ids"]]
+    n_ctx = context_length(model) if fit_context else None
+    if n_ctx is not None:
+        check_fits([len(x) for x in ids], n_ctx, model_id=model.info.model_id)
+    return ids
 
 
 def left_pad(
@@ -196,6 +273,7 @@ def read_last_token(
     batch_size: int = 32,
     progress: bool = True,
     desc: str = "reading residuals",
+    fit_context: bool = False,
 ) -> Float[Tensor, "n layer d_model"]:
     """The residual stream at the last token of each text, at every selected layer.
 
@@ -207,6 +285,8 @@ def read_last_token(
         batch_size: prompts per forward pass.
         progress: show a progress bar.
         desc: progress-bar label.
+        fit_context: refuse texts longer than the model's context (the context rule); off by default, as
+            this reads responses too (callers that read instructions check them first).
 
     Returns:
         float32 CPU tensor ``[n, layer, d_model]``, in the order of ``texts``; identical to reading
@@ -222,7 +302,7 @@ def read_last_token(
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
     reader = LastTokenReader(model, hook=hook, layers=layers)
-    ids = tokenize_texts(model, texts)
+    ids = tokenize_texts(model, texts, fit_context=fit_context)
     out = torch.empty((len(texts), len(reader.names), model.d_model), dtype=torch.float32)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # less padding per batch
     with reader, tqdm(total=len(texts), desc=desc, unit="prompt", disable=not progress, leave=False) as bar:

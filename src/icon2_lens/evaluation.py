@@ -18,7 +18,10 @@ from typing import Any
 from jaxtyping import Float
 from torch import Tensor
 
+from .activations import check_context
 from .directions import DirectionSet
+from .errors import BadInputError, check_finite
+from .gen.base import check_count
 from .judges import Judge, PairwiseJudge, ProbeScorer, RewardModelScorer, Scorer, is_pairwise, judge_summary
 from .math.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT, paired_difference
 from .math.probe import orthogonalize_criteria, probe_scores, project
@@ -65,6 +68,13 @@ class EvaluateConfig:
     preference_set: str | None = None
     n_boot: int = DEFAULT_N_BOOT
     level: float = DEFAULT_LEVEL
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "batch_size", "n_boot"):
+            check_count(getattr(self, name), name)
+        check_finite(self.level, "level")
+        if not 0 < self.level < 1:
+            raise BadInputError(f"level is an interval's coverage, in (0, 1); got {self.level}.", option="level")
 
 
 
@@ -263,6 +273,7 @@ def evaluate(
 
     from .runs.io import atomic_folder, check_output_folder
 
+    EvaluateConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, n_boot=n_boot, level=level)  # its checks
     if out is not None:
         check_output_folder(out, overwrite=overwrite)
     if preference_set is None or isinstance(preference_set, (str, os.PathLike)):
@@ -272,6 +283,8 @@ def evaluate(
         pref_pairs = [p if isinstance(p, PreferencePair) else load_preference_set([dict(p)], split="all")[0]
                       for p in items]
     instructions = list(instructions) if instructions is not None else []
+    for m in (base, trained):  # the context rule, before any forward pass
+        check_context(m, [render_chat(m.tokenizer, q) for q in instructions], what="instructions")
     if directions is not None:
         directions.check_compatible(base)
         directions.check_compatible(trained)

@@ -1,19 +1,77 @@
-"""What the hardware can do: the training precision it runs fastest, and the CPU's name.
+"""What the hardware can do: which device a run may use, the training precision it runs fastest, and the CPU's name.
 
 Machines of one kind differ in CPU model (some have native bf16, some only AVX2), so precision is
-chosen from the machine found, never from the last one, and every timing names its CPU.
+chosen from the machine found, never from the last one, and every timing names its CPU. A device string
+is checked before any work (`resolve_device`): an unknown one, or CUDA where this torch sees none, is a
+`icon2_lens.errors.BadInputError`, never a silent run on the CPU.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-__all__ = ["choose_precision", "cpu_name", "cpu_bf16_flags", "torch_cpu_bf16"]
+from .errors import BadInputError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["choose_precision", "cpu_name", "cpu_bf16_flags", "torch_cpu_bf16", "resolve_device"]
 
 #: CPU flags (``/proc/cpuinfo``) of native bf16 arithmetic.
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+#: The device types icon2_lens runs on.
+_DEVICE_TYPES = ("cpu", "cuda", "mps")
+_DEVICE_HELP = "use 'cpu', 'cuda', 'cuda:N' or 'mps', or leave it out (CUDA when available, else CPU)"
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The torch device a run uses, checked before any work.
+
+    ``None`` is CUDA when torch sees a GPU, else the CPU. A string torch does not parse (``"banana"``), a device
+    type icon2_lens does not run on (``"meta"``), or a device this machine lacks (``"cuda"`` where
+    ``torch.cuda.is_available()`` is False, ``"cuda:3"`` with two GPUs, ``"mps"`` off Apple silicon) is a
+    `icon2_lens.errors.BadInputError` (``option="device"``) saying what to use instead: never a silent fallback.
+
+    Examples:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+        >>> try:
+        ...     resolve_device("banana")
+        ... except BadInputError as e:
+        ...     print(e.option)
+        device
+    """
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = str(device)
+    try:
+        dev = device if isinstance(device, torch.device) else torch.device(name.strip())
+    except (RuntimeError, TypeError, ValueError):
+        raise BadInputError(f"device {name!r} (CLI: --device) is not a torch device; {_DEVICE_HELP}.",
+                            option="device") from None
+    if dev.type not in _DEVICE_TYPES:
+        raise BadInputError(f"device {name!r} (CLI: --device) is not a device icon2_lens runs on; {_DEVICE_HELP}.",
+                            option="device")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BadInputError(
+                f"device {name!r} (CLI: --device) asks for CUDA, but this torch sees no CUDA GPU "
+                "(torch.cuda.is_available() is False: no GPU, no driver, or a CPU-only torch build); use 'cpu', or "
+                "leave the device out to use CUDA where there is one.", option="device")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise BadInputError(f"device {name!r} (CLI: --device) names GPU {dev.index}, but this machine has {count} "
+                                f"(cuda:0..cuda:{count - 1}); pick one of them.", option="device")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise BadInputError(f"device {name!r} (CLI: --device) asks for Apple's MPS, which this machine does not have; "
+                            f"{_DEVICE_HELP}.", option="device")
+    return dev
 
 
 def torch_cpu_bf16() -> list[str] | None:

@@ -40,20 +40,24 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Protocol, TypeGuard, runtime_checkable
 
 import torch
 
 from .activations import LastTokenReader, tokenize_texts
 from .directions import DirectionSet
+from .errors import BadInputError
 from .gen import engine
+from .hardware import resolve_device
 from .math.probe import probe_scores
 from .math.text import parse_verdict
 from .models import LoadedModel, load_model
 from .prompts import render_chat
 
 __all__ = ["Scorer", "Judge", "ProbeScorer", "RewardModelScorer", "PairwiseJudge", "ChatEndpointJudge",
-           "JudgeEndpointError", "verdicts", "judge_summary", "JUDGE_POSITION_LIMIT", "is_pairwise", "make_judge"]
+           "JudgeEndpointError", "verdicts", "judge_summary", "JUDGE_POSITION_LIMIT", "is_pairwise", "make_judge",
+           "check_judge", "check_reward_model"]
 
 #: A judge that picks the same position (first, or second) in more than this share of its verdicts is
 #: reported as unable to judge (`judge_summary`).
@@ -199,7 +203,7 @@ class ProbeScorer:
         tok = self.model.tokenizer
         texts = [render_chat(tok, q, assistant=r if r.strip() else " ")
                  for q, r in zip(instructions, responses, strict=True)]
-        ids = tokenize_texts(self.model, texts)
+        ids = tokenize_texts(self.model, texts, fit_context=False)  # responses: as long as the model made them
         ci = torch.tensor([d.index(c) for c in criteria])
         out = torch.empty(len(texts))
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -246,6 +250,8 @@ class RewardModelScorer:
                  local_files_only: bool = True, trust_remote_code: bool = False) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        dev = resolve_device(device)
+        check_reward_model(source, local_files_only=local_files_only)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=local_files_only,
                                                            trust_remote_code=trust_remote_code)
@@ -254,7 +260,7 @@ class RewardModelScorer:
         except OSError as exc:
             raise FileNotFoundError(f"Cannot load a reward model from {source!r} ({exc}); pass a local folder of an HF "
                                     "sequence-classification model (or allow downloads).") from exc
-        self.model.eval().to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.eval().to(dev)
         if self.tokenizer.pad_token is None and self.tokenizer.eos_token is not None:
             self.tokenizer.pad_token = self.tokenizer.eos_token  # our own copy of the tokenizer
         if self.model.config.get_text_config().pad_token_id is None:  # our own copy: set it, or batches > 1 fail
@@ -532,6 +538,62 @@ def make_judge(spec: str, *, endpoint_model: str | None = None, device: str | No
         >>> make_judge("http://127.0.0.1:8080/v1", endpoint_model="smollm2").name  # doctest: +SKIP
         'endpoint:http://127.0.0.1:8080/v1/chat/completions:smollm2'
     """
+    check_judge(spec)
     if spec.startswith(("http://", "https://")):
         return ChatEndpointJudge(spec, endpoint_model or "local")
+    resolve_device(device)  # before the judge model loads
     return PairwiseJudge.load(None if spec == "embedded" else spec, device=device)
+
+
+def _local_or_cached(source: str) -> bool:
+    """Whether ``source`` is an existing file or folder, or an HF id whose ``config.json`` is in the local HF cache."""
+    if Path(source).expanduser().exists():
+        return True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(source, "config.json"), str)
+    except Exception:  # not a valid repo id, no cache
+        return False
+
+
+def check_reward_model(source: str | os.PathLike[str], *, local_files_only: bool = True) -> None:
+    """Refuse, before anything loads, a reward model `RewardModelScorer` cannot open offline: no such folder and
+    no HF id in the local HF cache (``option="reward_model"``; the message lists the scorers that need none).
+
+    Examples:
+        >>> try:
+        ...     check_reward_model("banana")
+        ... except BadInputError as e:
+        ...     print(e.option)
+        reward_model
+    """
+    if local_files_only and not _local_or_cached(str(source)):
+        raise BadInputError(
+            f"reward model {str(source)!r} (CLI: --reward-model) is neither a local folder nor an HF id in the "
+            "local HF cache; pass the folder of an HF sequence-classification model, allow downloads "
+            "(local_files_only=False; CLI: --allow-download), or score without one (calibrate's --scorer: "
+            "reward-probe, the default; self-probe; judge).", option="reward_model")
+
+
+def check_judge(spec: str) -> None:
+    """Refuse, before any model loads, a judge `make_judge` cannot open: not ``"embedded"``, not an ``http(s)://``
+    URL, no such model folder or ``.gguf`` file, and no HF id in the local HF cache. The error
+    (`icon2_lens.errors.BadInputError`, ``option="judge"``) lists what a judge can be.
+
+    Examples:
+        >>> check_judge("embedded"); check_judge("http://127.0.0.1:8000/v1")
+        >>> try:
+        ...     check_judge("banana")
+        ... except BadInputError as e:
+        ...     print(e.option)
+        judge
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise BadInputError(f"judge must be a non-empty string, got {spec!r}.", option="judge")
+    if spec.startswith(("http://", "https://")) or spec == "embedded" or _local_or_cached(spec):
+        return
+    raise BadInputError(
+        f"judge {spec!r} (CLI: --judge) is not a judge this library can open: give 'embedded' (the embedded "
+        "SmolLM2-135M-Instruct), a local model folder or .gguf file, an HF id already in the local HF cache, or the "
+        "URL of an OpenAI-compatible chat endpoint (http://HOST:PORT/v1).", option="judge")

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 from .activations import read_last_token
 from .criteria import Criterion
 from .directions import DirectionSet, accumulate_contrasts, instruction_hash
+from .gen.base import check_count
 from .instructions import builtin_instructions, load_instructions
 from .math.contrast import Method, cosine_per_layer, finish_directions, split_halves
 from .math.layerstats import separation, steering_score, suggest_layer_range
@@ -72,6 +73,10 @@ class LayersConfig:
     n_paraphrase_instructions: int = 16
     width: int | None = None
     batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("n_heldout", "n_paraphrase_instructions", "width", "batch_size"):
+            check_count(getattr(self, name), name)
 
 
 #: (question, positive answer, negative answer)
@@ -247,6 +252,8 @@ def layer_report(
         >>> report = il.layer_report(model, dirs)  # doctest: +SKIP
         >>> dirs = report.apply(dirs)  # records report.suggested_layers  # doctest: +SKIP
     """
+    LayersConfig(n_heldout=n_heldout, n_paraphrase_instructions=n_paraphrase_instructions, width=width,
+                 batch_size=batch_size)  # its checks, before any work
     directions.check_compatible(model)
     require_chat_template(model.tokenizer)
     held = load_instructions(heldout) if heldout is not None else _default_heldout(directions, n_heldout)

@@ -18,8 +18,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from .activations import check_context
 from .directions import DirectionSet
+from .errors import BadInputError, check_finite
 from .gen import Decoding, EngineKind, engine
+from .gen.base import check_count
 from .models import LoadedModel
 from .prompts import render_chat
 from .runs import names
@@ -84,6 +87,7 @@ def generate_steered(
         spec = steer_spec(directions, criteria, gammas, layers=layers, scale=scale, positions=positions)
     if not prompts:
         raise ValueError("No prompts to generate from.")
+    check_context(model, prompts)  # the context rule (icon2_lens.activations), before the forward pass
     return [g.to_dict() for g in engine(model, path).generate(prompts, decoding, steer=spec, seed=seed)]
 
 
@@ -158,14 +162,15 @@ class PairsConfig:
     engine: EngineKind = "hf"
 
     def __post_init__(self) -> None:
+        check_finite(self.gamma_pos, "gamma_pos")
+        check_finite(self.gamma_neg, "gamma_neg")
         if not self.gamma_neg < self.gamma_pos:
-            raise ValueError(f"gamma_neg must be below gamma_pos (got gamma_pos={self.gamma_pos}, "
-                             f"gamma_neg={self.gamma_neg}).")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}.")
+            raise BadInputError(f"gamma_neg must be below gamma_pos (got gamma_pos={self.gamma_pos}, "
+                                f"gamma_neg={self.gamma_neg}).", option="gamma_neg")
+        check_count(self.batch_size, "batch_size")
         if self.engine not in ("hf", "bridge"):
-            raise ValueError(f"Unknown engine {self.engine!r}; use 'hf' or 'bridge'.")
-        self.decoding()  # validates the decoding settings
+            raise BadInputError(f"Unknown engine {self.engine!r}; use 'hf' or 'bridge'.", option="engine")
+        self.decoding()  # validates the decoding settings (max_new_tokens, temperature, top_p, repetition_penalty)
 
     def decoding(self) -> Decoding:
         """The decoding settings as a `icon2_lens.gen.Decoding`."""
@@ -249,6 +254,8 @@ def generate_pairs(
         layer_list = [int(x) for x in cfg.layers]  # steering_vectors names a layer the directions lack
     steering_vectors(directions, rows[0]["criterion"], cfg.gamma_pos, layers=layer_list or None,
                      scale=cfg.scale)  # validate
+    tok = model.tokenizer
+    check_context(model, [render_chat(tok, r["instruction"]) for r in rows], what="instructions")  # before any batch
     gamma_pos, gamma_neg, scale, positions = cfg.gamma_pos, cfg.gamma_neg, cfg.scale, cfg.positions
     max_new_tokens, do_sample, temperature, top_p = cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p
     repetition_penalty, batch_size, path = cfg.repetition_penalty, cfg.batch_size, cfg.engine
@@ -257,7 +264,6 @@ def generate_pairs(
                 "temperature": temperature, "top_p": top_p, "repetition_penalty": repetition_penalty, "seed": seed,
                 "path": path, "batch_size": batch_size, "model": model.info.model_id,
                 "fingerprint": model.info.fingerprint}
-    tok = model.tokenizer
 
     def make(b: int, covers: range, s: int) -> list[dict[str, Any]]:
         chunk = [rows[i] for i in covers]

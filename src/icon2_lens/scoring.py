@@ -30,8 +30,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from .activations import LastTokenReader, tokenize_texts
+from .activations import LastTokenReader, check_context, tokenize_texts
 from .directions import DirectionSet
+from .errors import BadInputError, check_finite
+from .gen.base import check_count
 from .instructions import load_instructions
 from .math.probe import assign_criteria, consistency_scores, probe_scores, project
 from .math.selection import DEFAULT_TOP_FRACTION, select_indices
@@ -93,12 +95,26 @@ class ScoreConfig:
     allow_invalid: bool = False
 
     def __post_init__(self) -> None:
+        check_finite(self.min_separation, "min_separation")
         if not 0.0 <= self.min_separation <= 1.0:
-            raise ValueError(f"min_separation is a share of pairs, in [0, 1]; got {self.min_separation}.")
+            raise BadInputError(f"min_separation is a share of pairs, in [0, 1]; got {self.min_separation}.",
+                                option="min_separation")
+        check_count(self.batch_size, "batch_size")
+        _check_rule(self.top_fraction, self.top_k, self.threshold)
         rules = [k for k in ("top_fraction", "top_k", "threshold") if getattr(self, k) is not None]
         if len(rules) > 1:
-            raise ValueError(f"set only one of top_fraction, top_k, threshold (got {', '.join(rules)}); "
-                             "set the others to null")
+            raise BadInputError(f"set only one of top_fraction, top_k, threshold (got {', '.join(rules)}); "
+                                "set the others to null", option=rules[-1])
+        if self.balance_criteria and self.threshold is not None:
+            raise BadInputError("balance_criteria works with top_fraction or top_k, not with a threshold.",
+                                option="balance_criteria")
+
+
+def _check_rule(top_fraction: float | None, top_k: int | None, threshold: float | None) -> None:
+    """The selection rule's values: a share in (0, 1], a positive count, a finite threshold."""
+    check_finite(top_fraction, "top_fraction", low=0.0, high=1.0, low_open=True)
+    check_count(top_k, "top_k")
+    check_finite(threshold, "threshold")
 
 
 def scoring_layers(directions: DirectionSet, layers: Literal["all", "suggested"] | Sequence[int] | range) -> list[int]:
@@ -185,11 +201,13 @@ def score_instructions(
     from datasets import Dataset
 
     directions.check_compatible(model)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    check_count(batch_size, "batch_size")
+    check_finite(min_separation, "min_separation", low=0.0, high=1.0)
     shard = check_shard(shard)
     layer_ids = scoring_layers(directions, layers)
     instr = load_instructions(instructions)
+    check_context(model, scoring_texts(model.tokenizer, instr, render=render, system_prompt=system_prompt),
+                  what="instructions")  # before the first batch
     cols = [directions.layers.index(x) for x in layer_ids]
     vecs = directions.vectors[:, cols]
     mean = std = None
@@ -412,6 +430,7 @@ def select_instructions(
     missing = {"consistency", "criterion"} - set(table.column_names)
     if missing:
         raise ValueError(f"The table lacks {sorted(missing)}; pass the output of score_instructions.")
+    _check_rule(top_fraction, top_k, threshold)
     keep = select_indices(list(table["consistency"]), list(table["criterion"]), top_fraction=top_fraction, top_k=top_k,
                           threshold=threshold, balance_criteria=balance_criteria)
     return table.select(keep)

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import BadInputError, check_finite
 from .gen import Decoding, engine
+from .gen.base import check_count
 from .math.text import jaccard, normalize_text, shingles
 from .models import LoadedModel
 from .prompts import pre_query_template
@@ -57,6 +59,23 @@ class SynthesisConfig:
     min_words: int = 3
     max_words: int = 200
     near_duplicate_threshold: float = 0.8
+
+    def __post_init__(self) -> None:
+        _check_settings(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
+                        batch_size=self.batch_size, min_words=self.min_words, max_words=self.max_words,
+                        near_duplicate_threshold=self.near_duplicate_threshold)
+
+
+def _check_settings(*, temperature: float, top_p: float, max_new_tokens: int, batch_size: int, min_words: int,
+                    max_words: int, near_duplicate_threshold: float) -> None:
+    """The checks of `SynthesisConfig` (and of `synthesize_instructions`' keywords): before any work."""
+    check_count(batch_size, "batch_size")
+    Decoding(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p)
+    check_count(min_words, "min_words")
+    check_count(max_words, "max_words")
+    if max_words < min_words:
+        raise BadInputError(f"max_words ({max_words}) must be at least min_words ({min_words}).", option="max_words")
+    check_finite(near_duplicate_threshold, "near_duplicate_threshold", low=0.0, high=1.0, low_open=True)
 
 
 #: Why a generation is dropped, in the order the rules are applied.
@@ -260,11 +279,9 @@ def synthesize_instructions(
         41
     """
     if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-        raise ValueError(f"n must be a positive number of generations, got {n!r}.")
-    if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"batch_size and max_new_tokens must be positive, got {batch_size} and {max_new_tokens}.")
-    if not temperature > 0 or not 0 < top_p <= 1:
-        raise ValueError(f"Need temperature > 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}.")
+        raise BadInputError(f"n must be a positive number of generations, got {n!r}.", option="n")
+    _check_settings(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                    min_words=min_words, max_words=max_words, near_duplicate_threshold=near_duplicate_threshold)
     clean_kwargs: dict[str, Any] = dict(min_words=min_words, max_words=max_words,
                                         near_duplicate_threshold=near_duplicate_threshold)
     clean_generations([], **clean_kwargs)  # validate the clean-up options before the slow part

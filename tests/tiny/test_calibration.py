@@ -13,6 +13,7 @@ import icon2_lens as il
 from icon2_lens import calibration as cal_mod
 from icon2_lens.calibration import CalibrationResult, calibrate_gamma, load_gammas
 from icon2_lens.cli import main
+from icon2_lens.errors import BadInputError
 from icon2_lens.evaluation import PairwiseJudge, ProbeScorer, RewardModelScorer, distinct_n, is_degenerate, pair_report
 from icon2_lens.pairs import generate_steered
 from icon2_lens.prompts import render_chat
@@ -520,7 +521,7 @@ def test_reward_model_scorer(reward_dir, tmp_path):
         with torch.inference_mode():
             want = rm(**tok(text, add_special_tokens=False, return_tensors="pt")).logits[0, 0].item()
         assert s == pytest.approx(want, abs=1e-4)
-    with pytest.raises(FileNotFoundError, match="Cannot load a reward model"):
+    with pytest.raises(BadInputError, match="neither a local folder nor an HF id in the local HF cache"):
         RewardModelScorer(tmp_path / "no-such-model")
 
 

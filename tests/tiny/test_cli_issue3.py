@@ -103,8 +103,8 @@ def test_synthesize_into_empty_folder_with_default_batch(tiny_model_dir, tmp_pat
     assert main(argv) == 0 and _lines(out / "raw.jsonl") == raw
 
 
-@pytest.mark.parametrize("args,match", [(["--n", "0"], "positive"), (["--temperature", "0"], "temperature"),
-                                        (["--top-p", "2"], "top_p"), (["--min-words", "0"], "min_words")])
+@pytest.mark.parametrize("args,match", [(["--n", "0"], "positive"), (["--temperature", "0"], "--temperature"),
+                                        (["--top-p", "2"], "--top-p"), (["--min-words", "0"], "--min-words")])
 def test_synthesize_bad_input_returns_2(tiny_model_dir, tmp_path, capsys, args, match):
     out = tmp_path / "synth"
     assert _synth(tiny_model_dir, out, *args) == 2
@@ -217,9 +217,10 @@ def test_score_argparse_conflict(dirs_dir, to_score, tmp_path):
     (["--layers", "x"], "--layers 'x'"),
     (["--layers", "0-9"], "not in the directions"),
     (["--layers", "suggested"], "no suggested layers"),
-    (["--top-fraction", "0"], "top_fraction"),
-    (["--top-k", "0"], "top_k"),
-    (["--threshold", "0", "--balance-criteria"], "balance_criteria"),
+    (["--top-fraction", "0"], "--top-fraction"),
+    (["--top-k", "0"], "--top-k"),
+    (["--threshold", "nan"], "--threshold nan is not a finite number"),
+    (["--threshold", "0", "--balance-criteria"], "--balance-criteria works with --top-fraction or --top-k"),
 ])
 def test_score_bad_options_return_2(tiny_model_dir, dirs_dir, to_score, tmp_path, capsys, args, match):
     out = tmp_path / "o"

@@ -74,7 +74,7 @@ def test_compare_config_is_checked(pool):
         CompareConfig(methods=["icon2", "banana"])
     with pytest.raises(ValueError, match="n_pool"):
         CompareConfig(n=64, n_pool=32)
-    with pytest.raises(ValueError, match="positive integer"):
+    with pytest.raises(ValueError, match="n must be positive"):
         CompareConfig(n=0)
 
 

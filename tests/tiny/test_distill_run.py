@@ -198,7 +198,7 @@ def test_distill_cli_refuses_bad_input_with_exit_code_2(tmp_path, capsys):
     cases = [
         (["distill", "train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "s")], "distill data --out"),
         (["distill", "train", "--data", str(tmp_path), "--out", str(tmp_path / "s")], "holds no rationales.jsonl"),
-        (["distill", "run", "--out", str(tmp_path / "r"), "--n-problems", "1"], "n_problems must be at least 2"),
+        (["distill", "run", "--out", str(tmp_path / "r"), "--n-problems", "1"], "--n-problems must be at least 2"),
         (["distill", "run", "--out", str(tmp_path / "r"), "--problems", str(tmp_path / "no.jsonl")], "does not exist"),
     ]
     (tmp_path / "d" / "data").mkdir(parents=True)

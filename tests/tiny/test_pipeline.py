@@ -166,7 +166,7 @@ def test_interrupted_generation_resumes_without_losing_or_duplicating_rows(talke
     monkeypatch.setattr(icon2_lens.runs.batches, "append_jsonl", real_append)
     pairs_path = out / "generate" / "pairs.jsonl"
     assert len(pairs_path.read_text().splitlines()) == 2
-    assert json.loads((out / "manifest.json").read_text())["stages"]["generate"]["status"] == "running"
+    assert json.loads((out / "manifest.json").read_text())["stages"]["generate"]["status"] == "interrupted"
     with pairs_path.open("a") as f:
         f.write('{"prompt": [{"role"')  # a torn line, as SIGKILL in the middle of a write leaves
     messages = []

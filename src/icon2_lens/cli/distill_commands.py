@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..distill.student import StudentConfig, train_student
+from ..hardware import resolve_device
 from ..pipeline.distill_run import DISTILL_METRICS, DistillConfig, run_distill
 from ..runs.io import check_output_folder, read_jsonl
 from .options import add_config_options, config_from_args
@@ -137,6 +138,7 @@ def _train(args: argparse.Namespace, cfg: StudentConfig) -> list[Path]:
 
 def distill_command(args: argparse.Namespace, cfg: Any) -> list[Path]:
     """Run ``icon2-lens distill data|train|run``; return the paths it wrote."""
+    resolve_device(args.device)  # an unknown device, or CUDA where there is none: an error before any work
     if args.distill_command == "train":
         return _train(args, cfg)
     if args.distill_command == "data":

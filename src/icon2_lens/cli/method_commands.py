@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from ..baselines import METHODS, make_pairs
+from ..hardware import resolve_device
 from ..pipeline.compare import COMPARE_JSON, CompareConfig
 from ..pipeline.run import compare
 from ..runs import names
@@ -49,6 +50,7 @@ def baseline_command(args: argparse.Namespace, cfg: object) -> list[Path]:
     """Run ``icon2-lens baseline NAME``; return the paths it wrote."""
     from ..baselines import instruction_rows
 
+    resolve_device(args.device)  # before anything is written or loaded
     shard = shard_from_args(args)
     resumable_out(args, names.GENERATION_SETTINGS, f"{args.method} pairs")
     if args.n_instructions is not None and args.n_instructions < 1:
@@ -75,6 +77,7 @@ def compare_args(p: argparse.ArgumentParser) -> None:
 
 def compare_command(args: argparse.Namespace, cfg: CompareConfig) -> list[Path]:
     """Run ``icon2-lens compare``; return the paths it wrote."""
+    resolve_device(args.device)
     if args.chat_template is not None or args.dtype != "float32":
         raise ValueError("compare loads every model in float32 with the model's own chat template; drop "
                          "--chat-template / --dtype (run the stages one by one for other settings).")

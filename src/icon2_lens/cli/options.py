@@ -5,6 +5,11 @@ options as choices, ``X | None`` as an optional ``X``, layer choices parsed from
 ``10-19`` or ``3,5,7``. An option not given stays ``None`` and the dataclass's default applies, so one
 default serves Python, CLI and pipeline; ``--help`` shows it. Help texts come from the dataclass's
 ``Attributes:`` docstring section.
+
+The values are checked by the dataclass itself (its ``__post_init__``: ranges, NaN and infinity, one setting
+against another), so Python and the command line refuse the same values; `config_from_args` turns such an
+error into a `icon2_lens.errors.BadInputError` that speaks in option names (``--gamma-pos``, not
+``gamma_pos``), before any model loads.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import typing
 from collections.abc import Sequence
 from typing import Any, Literal
 
-__all__ = ["add_config_options", "config_from_args", "given_options", "parse_layers"]
+from ..errors import BadInputError
+
+__all__ = ["add_config_options", "config_from_args", "given_options", "parse_layers", "cli_message"]
 
 
 def parse_layers(text: str) -> str | list[int]:
@@ -154,6 +161,53 @@ def given_options(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     return out
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def cli_message(text: str, names: Sequence[str], option: str | None = None) -> str:
+    """A library message about the settings ``names`` reworded with their command-line spelling.
+
+    ``name=True`` / ``name=False`` become ``--name`` / ``--no-name``, ``name=value`` ``--name value``, a
+    snake_case name (or ``option``, or the name the message starts with) ``--name``; ``(CLI: ...)`` hints are
+    dropped (the message is the CLI's now). If ``option`` is still not named, the message is prefixed with it.
+
+    Examples:
+        >>> cli_message("gamma_neg must be below gamma_pos (got gamma_pos=0.1, gamma_neg=0.2).",
+        ...             ["gamma_pos", "gamma_neg"], "gamma_neg")
+        '--gamma-neg must be below --gamma-pos (got --gamma-pos 0.1, --gamma-neg 0.2).'
+        >>> cli_message("threshold=nan is not a finite number; give a number.", ["threshold"], "threshold")
+        '--threshold nan is not a finite number; give a number.'
+    """
+    names = sorted(set(names), key=len, reverse=True)  # longest first: top_k before top
+    if not names:
+        return text
+    alt = "|".join(map(re.escape, names))
+    text = re.sub(r"\s*\(CLI: [^)]*\)", "", text)
+    text = re.sub(rf"(?<![-\w])({alt})=(True|False)\b",
+                  lambda m: _flag(m[1]) if m[2] == "True" else "--no-" + m[1].replace("_", "-"), text)
+    text = re.sub(rf"(?<![-\w])({alt})=", lambda m: _flag(m[1]) + " ", text)
+    bare = [n for n in names if "_" in n or n == option]
+    if bare:
+        text = re.sub(rf"(?<![-\w])({'|'.join(map(re.escape, bare))})\b(?!-)", lambda m: _flag(m[1]), text)
+    first = re.match(rf"({alt})\b", text)
+    if first:
+        text = _flag(first[1]) + text[len(first[1]):]
+    if option is not None and option in names and _flag(option) not in text:
+        text = f"{_flag(option)}: {text}"
+    return text
+
+
 def config_from_args(args: argparse.Namespace, cls: type, base: dict[str, Any] | None = None) -> Any:
-    """``cls(**base, **given)``: options given on the command line over ``base`` over the dataclass defaults."""
-    return cls(**{**(base or {}), **given_options(args, cls)})
+    """``cls(**base, **given)``: options given on the command line over ``base`` over the dataclass defaults.
+
+    The dataclass checks the values; its error comes back as a `icon2_lens.errors.BadInputError` in the
+    command line's words (`cli_message`: ``--threshold nan is not a finite number``), raised before any
+    model loads.
+    """
+    try:
+        return cls(**{**(base or {}), **given_options(args, cls)})
+    except ValueError as exc:
+        names = [f.name for f in dataclasses.fields(cls)]
+        option = getattr(exc, "option", None)
+        raise BadInputError(cli_message(str(exc), names, option), option=option) from exc

@@ -9,13 +9,17 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..calibration import DEFAULT_GRIDS, DEFAULT_N_BOOT, calibrate_gamma, calibration_sample
 from ..directions import DirectionSet
+from ..errors import BadInputError, check_finite
+from ..gen.base import check_count
+from ..hardware import resolve_device
 from ..instructions import load_instructions
-from ..judges import PairwiseJudge, RewardModelScorer
+from ..judges import PairwiseJudge, RewardModelScorer, check_reward_model
 from ..pairs import PairsConfig
 from ..pipeline import merge_shards, run_pipeline
 from ..pipeline.config import RunConfig
@@ -62,18 +66,40 @@ def calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
+def _grid(text: str | None, default: Sequence[float], flag: str) -> list[float]:
+    """A comma-separated grid of finite numbers (``None``: ``default``)."""
+    if text is None:
+        return list(default)
+    try:
+        grid = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BadInputError(f"--gammas-pos/--gammas-neg must be comma-separated numbers, e.g. 0.05,0.1; {flag} is "
+                            f"{text!r}.",
+                            option=flag.lstrip("-").replace("-", "_")) from None
+    if not grid:
+        raise BadInputError(f"{flag} is empty; give comma-separated numbers, e.g. 0.05,0.1.",
+                            option=flag.lstrip("-").replace("-", "_"))
+    for x in grid:
+        check_finite(x, flag)
+    return grid
+
+
 def calibrate_command(args: argparse.Namespace, cfg: PairsConfig) -> list[Path]:
-    """Run ``icon2-lens calibrate``; return the paths it wrote."""
+    """Run ``icon2-lens calibrate``; return the paths it wrote. Every option is checked before the model loads."""
+    resolve_device(args.device)
+    check_count(args.n, "--n")
+    check_count(args.n_boot, "--n-boot")
+    check_count(args.batch_size, "--batch-size")
+    check_finite(args.win_threshold, "--win-threshold")
+    if not 0 <= args.win_threshold < 1:
+        raise BadInputError(f"--win-threshold must be in [0, 1), got {args.win_threshold}.", option="win_threshold")
     check_output_folder(args.out, overwrite=args.overwrite)
     dirs = DirectionSet.load(args.directions)
     layers = scoring_layers(dirs, cfg.layers)
-    try:
-        gp = DEFAULT_GRIDS[cfg.scale][0] if args.gammas_pos is None else [
-            float(x) for x in args.gammas_pos.split(",") if x.strip()]
-        gn = DEFAULT_GRIDS[cfg.scale][1] if args.gammas_neg is None else [
-            float(x) for x in args.gammas_neg.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError("--gammas-pos/--gammas-neg must be comma-separated numbers, e.g. 0.05,0.1") from None
+    gp = _grid(args.gammas_pos, DEFAULT_GRIDS[cfg.scale][0], "--gammas-pos")
+    gn = _grid(args.gammas_neg, DEFAULT_GRIDS[cfg.scale][1], "--gammas-neg")
+    if args.reward_model is not None:
+        check_reward_model(args.reward_model, local_files_only=not args.allow_download)
     exclude = load_instructions(args.exclude) if args.exclude is not None else None
     with warnings.catch_warnings():  # fail early on a bad table, before loading the model; warnings come later
         warnings.simplefilter("ignore")

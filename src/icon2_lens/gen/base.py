@@ -19,10 +19,11 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from jaxtyping import Float
 from torch import Tensor
 
+from ..errors import BadInputError, check_finite
 from ..prompts import pre_query_template
 
 __all__ = ["Decoding", "SteerSpec", "Generation", "Generator", "Positions", "SteerHook", "Seed", "stop_ids",
-           "row_seed"]
+           "row_seed", "check_count"]
 
 #: ``"all"``: every position; ``"generated"``: only positions after the prompt.
 Positions = Literal["all", "generated"]
@@ -55,14 +56,36 @@ class Decoding:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens!r}.")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be above 0, got {self.temperature}; use do_sample=False for greedy.")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be above 0 (1.0 is off), got {self.repetition_penalty}.")
+        check_count(self.max_new_tokens, "max_new_tokens")
+        check_finite(self.temperature, "temperature")
+        if self.temperature <= 0:
+            raise BadInputError(f"temperature must be above 0, got {self.temperature}; for greedy decoding leave "
+                                "sampling off (do_sample=False).", option="temperature")
+        check_finite(self.top_p, "top_p", low=0.0, high=1.0, low_open=True)
+        check_finite(self.repetition_penalty, "repetition_penalty", low=0.0, low_open=True)
+
+
+def check_count(value: int | None, option: str, *, low: int = 1) -> None:
+    """Refuse a count (tokens, rows, a batch size) that is not a whole number ``>= low``; ``None`` passes.
+
+    The integer twin of `icon2_lens.errors.check_finite`, used by every config's checks; the error is a
+    `icon2_lens.errors.BadInputError` naming ``option``.
+
+    Examples:
+        >>> check_count(8, "batch_size")
+        >>> try:
+        ...     check_count(0, "batch_size")
+        ... except BadInputError as e:
+        ...     print(e)
+        batch_size must be positive, got 0.
+    """
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadInputError(f"{option} must be a whole number, got {value!r}.", option=option)
+    if value < low:
+        need = "positive" if low == 1 else f">= {low}"
+        raise BadInputError(f"{option} must be {need}, got {value}.", option=option)
 
 
 @dataclass(frozen=True)

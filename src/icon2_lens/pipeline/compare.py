@@ -39,6 +39,8 @@ from typing import Any, Literal
 
 from ..baselines import METHODS, make_pairs, method_config
 from ..controls import swap_pairs
+from ..errors import BadInputError, check_finite
+from ..gen.base import check_count
 from ..models import LoadedModel, load_model
 from ..preference import (
     PairLogprobs,
@@ -116,17 +118,19 @@ class CompareConfig:
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in ALL_METHODS]
         if bad:
-            raise ValueError(f"Unknown method(s) {bad}; use some of {list(ALL_METHODS)}.")
-        for name in ("n", "n_pool", "max_new_tokens", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}.")
+            raise BadInputError(f"Unknown method(s) {bad}; use some of {list(ALL_METHODS)}.", option="methods")
+        for name in ("n", "n_pool", "max_new_tokens", "batch_size", "n_preference", "n_boot"):
+            check_count(getattr(self, name), name)
         if self.pool is None and self.n_pool < self.n:
-            raise ValueError(f"n_pool ({self.n_pool}) must be at least n ({self.n}): Icon2 selects n of the pool.")
+            raise BadInputError(f"n_pool ({self.n_pool}) must be at least n ({self.n}): Icon2 selects n of the pool.",
+                                option="n_pool")
         if "sao" in self.methods and not self.sao_objectives:
-            raise ValueError("sao_objectives is empty; give dpo and/or simpo (SAO's own loss).")
+            raise BadInputError("sao_objectives is empty; give dpo and/or simpo (SAO's own loss).",
+                                option="sao_objectives")
+        check_finite(self.repetition_penalty, "repetition_penalty", low=0.0, low_open=True)
+        check_finite(self.level, "level")
         if not 0 < self.level < 1:
-            raise ValueError(f"level must be in (0, 1), got {self.level}.")
+            raise BadInputError(f"level must be in (0, 1), got {self.level}.", option="level")
 
     @property
     def all_methods(self) -> list[str]:

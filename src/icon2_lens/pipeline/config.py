@@ -3,21 +3,26 @@
 A section's fields and defaults are those of the library's config dataclass (`icon2_lens.pairs.PairsConfig`,
 ...), plus the stage's pipeline-only fields (what to read, demo sizes). Validation is strict: an unknown
 key or a value of the wrong type is an error naming the key; a dataclass's own checks (e.g. gamma- below
-gamma+) run when the config is loaded, not when the stage starts.
+gamma+, finite numbers in range, the pipeline-only fields' checks) and the device (`icon2_lens.hardware.resolve_device`:
+an unknown one, or CUDA where there is none) run when the config is loaded, not when a stage starts. Every such
+error is a `icon2_lens.errors.BadInputError` naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model, field_validator, model_validator
 
+from ..errors import BadFileError, BadInputError, reading
+from ..hardware import resolve_device
 from .stages import STAGES, StageSpec
 
 __all__ = ["RunConfig", "load_config", "run_config_model", "section_fields", "stage_config"]
@@ -53,6 +58,9 @@ def section_fields(spec: StageSpec) -> dict[str, tuple[Any, Any]]:
 def _section_model(spec: StageSpec) -> type[BaseModel]:
     def check(self: BaseModel) -> BaseModel:
         stage_config(spec, self)  # the dataclass's own checks, as a config error
+        if spec.extra is not None:  # and those of the pipeline-only fields
+            values = self.model_dump()
+            spec.extra(**{f.name: values[f.name] for f in dataclasses.fields(spec.extra) if f.name in values})
         return self
 
     validators: dict[str, Any] = {"_dataclass_checks": model_validator(mode="after")(check)}
@@ -79,6 +87,12 @@ def stage_config(spec: StageSpec, section: Any) -> Any:
 
 class _RunBase(BaseModel):
     model_config = _STRICT
+
+    @field_validator("device", check_fields=False)
+    @classmethod
+    def _known_device(cls, value: str | None) -> str | None:
+        resolve_device(value)  # an unknown device or CUDA where there is none: an error at load time
+        return value
 
     if TYPE_CHECKING:  # what run_config_model adds, for the type checker only (pydantic never sees these)
         model: str | None
@@ -118,18 +132,24 @@ else:
     RunConfig = run_config_model(STAGES)
 
 
-def _validation_message(exc: ValidationError, where: str) -> str:
-    lines = []
+def _validation_message(exc: ValidationError, where: str) -> tuple[str, str | None]:
+    lines, keys = [], []
     for err in exc.errors():
         key = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        option = getattr(err.get("ctx", {}).get("error"), "option", None)
+        if option is not None and err["loc"] and option != err["loc"][-1]:
+            key = f"{key}.{option}"  # a dataclass check names the field: generate.gamma_neg
+        keys.append(key)
         if err["type"] == "extra_forbidden":
             lines.append(f"unknown key {key!r}")
         elif err["type"] == "value_error":
-            lines.append(f"{key}: {str(err['msg']).removeprefix('Value error, ').rstrip('.')}")
+            msg = re.sub(r"\s*\(CLI: [^)]*\)", "", str(err["msg"]).removeprefix("Value error, "))  # a config key
+            lines.append(f"{key}: {msg.rstrip('.')}")
         else:
             got = err.get("input")
             lines.append(f"{key}: {err['msg'].rstrip('.')} (got {got!r})")
-    return f"Invalid config {where}: " + "; ".join(lines) + ". See `icon2-lens run --help` and docs/pipeline.md."
+    return (f"Invalid config {where}: " + "; ".join(lines) + ". See `icon2-lens run --help` and docs/pipeline.md.",
+            keys[0] if keys else None)
 
 
 def load_config(source: str | os.PathLike[str] | dict[str, Any] | _RunBase | None = None, *,
@@ -141,7 +161,10 @@ def load_config(source: str | os.PathLike[str] | dict[str, Any] | _RunBase | Non
         stages: a stage registry other than `icon2_lens.pipeline.stages.STAGES` (e.g. with a new method).
 
     Raises:
-        ValueError: an unknown key or a value of the wrong type, naming the key.
+        BadInputError: an unknown key, a value of the wrong type or out of range, an unknown device, naming the key
+            (``option``: the first one, dotted: ``"generate.gamma_neg"``); a file that does not parse is a
+            `icon2_lens.errors.BadFileError` naming it.
+        FileNotFoundError: ``source`` is a path to no file.
 
     Examples:
         >>> load_config({"generate": {"gamma_pos": 0.05}}).generate.gamma_pos
@@ -158,13 +181,17 @@ def load_config(source: str | os.PathLike[str] | dict[str, Any] | _RunBase | Non
         if not path.is_file():
             raise FileNotFoundError(f"Config file {path} does not exist.")
         where = str(path)
+        todo = "Fix it; `icon2-lens run --print-config` prints a valid one."
+        with reading(path, what="a run config (YAML)", todo=todo):
+            text = path.read_text(encoding="utf-8")
         try:
-            source = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            source = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ValueError(f"{path} is not valid YAML: {exc}") from None
+            raise BadFileError(path, f"is not valid YAML ({' '.join(str(exc).split())})", todo) from None
     if not isinstance(source, dict):
-        raise ValueError(f"Invalid config {where}: expected a mapping of sections, got {type(source).__name__}.")
+        raise BadInputError(f"Invalid config {where}: expected a mapping of sections, got {type(source).__name__}.")
     try:
         return model.model_validate(source)
     except ValidationError as exc:
-        raise ValueError(_validation_message(exc, where)) from None
+        message, key = _validation_message(exc, where)
+        raise BadInputError(message, option=key) from None

@@ -62,6 +62,8 @@ from ..distill.teacher import (
     self_eval_dataset,
     teacher_summary,
 )
+from ..errors import check_finite
+from ..hardware import resolve_device
 from ..models import LoadedModel, load_model
 from ..reward_probe import wilson_interval
 from ..runs import names
@@ -164,6 +166,8 @@ class DistillConfig:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             check_type(f.name, getattr(self, f.name), hints[f.name])
+            if hints[f.name] is float:
+                check_finite(getattr(self, f.name), f.name)  # NaN and infinity, before the ranges below
         if not self.problems.strip():
             raise ValueError(f"problems must be '{ARITHMETIC}' or a JSONL file, got an empty string.")
         for name in ("n_problems", "predict_tokens", "explain_tokens", "test_batch_size"):
@@ -410,6 +414,7 @@ def run_distill(
         raise ValueError(f"stop_after={stop_after!r} is not a step to stop after; use one of {list(_STOPS)}.")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}.")
+    resolve_device(device)  # an unknown device, or CUDA where there is none: an error now, not a CPU run later
     source_id: Any = cfg.problems
     if cfg.problems != ARITHMETIC:
         path = Path(cfg.problems).expanduser()

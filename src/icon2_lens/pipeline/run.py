@@ -15,6 +15,11 @@ it finished. On a rerun:
 - a stage one of whose inputs ran in this invocation is re-run too (e.g. after you delete a stage
   folder by hand), so no stage is ever kept on top of rewritten inputs.
 
+A stage that fails is marked ``failed`` in the manifest with the error's message (``interrupted`` on
+Ctrl-C), never left ``running``; its folder is removed when the stage wrote nothing into it, and kept
+(to resume) when it holds rows. The config, with every stage's settings and the device, is checked
+before the first stage runs.
+
 Every stage runs inside `icon2_lens.measure_costs` and writes ``costs.json``; ``report.md`` has the
 per-stage cost table, the cost per kept pair and the evaluation's headline tables.
 
@@ -37,6 +42,7 @@ from typing import Any
 
 import yaml
 
+from ..errors import public_path, read_json
 from ..reports import run_report
 from ..runs import names
 from ..runs.costs import StageCost, load_costs, measure_costs
@@ -100,7 +106,9 @@ class _Manifest:
         self.path = path
         self.stages: dict[str, dict[str, Any]] = {}
         if path.is_file():
-            self.stages = json.loads(path.read_text()).get("stages", {})
+            data = read_json(path, what="a run manifest (JSON)",
+                             todo="Delete it to re-run every stage, or choose another run directory.")
+            self.stages = data.get("stages", {}) if isinstance(data, dict) else {}
 
     def save(self) -> None:
         atomic_write_text(self.path, json.dumps({"version": 1, "stages": self.stages}, indent=2))
@@ -218,12 +226,19 @@ def run_pipeline(
                                       "inputs": {s: keys[s] for s in graph[stage]},
                                       "settings": cfg.to_dict()[stage], "started": _now()}
             manifest.save()
+            made = not folder.exists()
             folder.mkdir(parents=True, exist_ok=True)
             spec, section = specs[stage], getattr(cfg, stage)
-            with measure_costs(stage, *([ctx.model] if spec.uses_model(section) else [])) as meter:
-                rows, outputs = spec.run(ctx, folder, meter, stage_config(spec, section), section)
-                meter.costs.rows = rows
-            meter.costs.save(folder)
+            try:
+                with measure_costs(stage, *([ctx.model] if spec.uses_model(section) else [])) as meter:
+                    rows, outputs = spec.run(ctx, folder, meter, stage_config(spec, section), section)
+                    meter.costs.rows = rows
+                meter.costs.save(folder)
+            except BaseException as exc:
+                _mark_failed(manifest, stage, exc)
+                if made and folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()  # no empty stage folder is left behind
+                raise
             manifest.stages[stage].update(status="finished", finished=_now(), rows=rows,
                                           wall_seconds=meter.costs.wall_seconds,
                                           outputs=[str(p.relative_to(out)) for p in outputs])
@@ -242,6 +257,15 @@ def run_pipeline(
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def _mark_failed(manifest: _Manifest, stage: str, exc: BaseException) -> None:
+    """Record a stage's failure (``failed`` with the error, or ``interrupted``) in the manifest."""
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    text = public_path(" ".join(str(exc).split())) or type(exc).__name__
+    manifest.stages[stage].update(status="interrupted" if interrupted else "failed", ended=_now(),
+                                  error=None if interrupted else f"{type(exc).__name__}: {text}")
+    manifest.save()
 
 
 def _report(cfg: Any, out: Path, result: PipelineResult, order: list[str]) -> str:

@@ -21,8 +21,9 @@ from typing import Any
 from ..controls import ControlsConfig, make_controls
 from ..directions import DirectionSet, ExtractConfig, extract_directions
 from ..evaluation import EvaluateConfig, PairwiseJudge, ProbeScorer, evaluate, pair_report
+from ..gen.base import check_count
 from ..instructions import load_instructions
-from ..judges import make_judge
+from ..judges import check_judge, make_judge
 from ..layers import LayersConfig, layer_report
 from ..models import LoadedModel, load_model
 from ..pairs import PairsConfig, generate_pairs
@@ -106,6 +107,9 @@ class ExtractInputs:
     instructions: str = "default"
     n_instructions: int | None = 64
 
+    def __post_init__(self) -> None:
+        check_count(self.n_instructions, "n_instructions")
+
 
 @dataclass(frozen=True, kw_only=True)
 class SynthesizeInputs:
@@ -113,6 +117,9 @@ class SynthesizeInputs:
 
     source: str | None = None
     n: int = 64
+
+    def __post_init__(self) -> None:
+        check_count(self.n, "n")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,6 +133,12 @@ class EvaluateInputs:
     judge: str | None = None
     judge_model: str | None = None
     n_preference: int | None = None
+
+    def __post_init__(self) -> None:
+        check_count(self.n, "n", low=0)
+        check_count(self.n_preference, "n_preference")
+        if self.judge is not None:
+            check_judge(self.judge)  # an unknown judge: an error when the config is loaded
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,6 +11,10 @@ makes the rows of batch ``b`` from its seed. `run_batches` then
   (a torn line or a partial last batch is cut off) and runs only the rest: nothing lost, nothing
   duplicated; a folder holding another run is refused, naming each differing setting;
 - writes ``shard.json`` when a shard is finished;
+- leaves nothing behind when it fails before its first batch is written (an invalid setting, a prompt
+  longer than the context, Ctrl-C): the settings file it wrote and a folder it made are removed, so a
+  corrected rerun starts afresh (and `icon2_lens.runs.io.open_run_folder` lets a rerun with other
+  settings replace a folder that holds no row);
 - shows a progress bar with the rows-per-second rate.
 
 Examples:
@@ -34,7 +38,7 @@ from tqdm.auto import tqdm
 
 from ..gen.base import row_seed
 from . import names
-from .io import append_jsonl, atomic_write_text, open_run_folder, read_jsonl_resumable
+from .io import append_jsonl, atomic_write_text, has_rows, open_run_folder, read_jsonl_resumable
 from .shards import check_shard, shard_batches, shard_label, write_shard_file
 
 __all__ = ["BatchJob", "run_batches"]
@@ -153,19 +157,38 @@ def run_batches(
     path: Path | None = None
     done: list[dict[str, Any]] = []
     n_done = 0
-    if out is not None:
-        files = job.files or names.STAGE_FILES.get(job.stage)
-        if files is None:
-            raise ValueError(f"Stage {job.stage!r} has no file names; pass BatchJob(files=...).")
-        run_settings = dict(settings or {})
-        if shard is not None:
-            run_settings["shard"] = shard_label(shard)
-        if files.settings is None:
-            raise ValueError(f"Stage {job.stage!r} has no settings file, so it cannot resume from a folder.")
-        path = open_run_folder(out, run_settings, settings_name=files.settings, data_name=files.data, what=job.stage)
-        if shard is not None:
-            (Path(out) / names.SHARD).unlink(missing_ok=True)  # written again when this run is finished
-        done, n_done = _resume(path, job, batches)
+    made_folder = out is not None and not Path(out).exists()
+    settings_path: Path | None = None
+    try:
+        if out is not None:
+            files = job.files or names.STAGE_FILES.get(job.stage)
+            if files is None:
+                raise ValueError(f"Stage {job.stage!r} has no file names; pass BatchJob(files=...).")
+            run_settings = dict(settings or {})
+            if shard is not None:
+                run_settings["shard"] = shard_label(shard)
+            if files.settings is None:
+                raise ValueError(f"Stage {job.stage!r} has no settings file, so it cannot resume from a folder.")
+            path = open_run_folder(out, run_settings, settings_name=files.settings, data_name=files.data,
+                                   what=job.stage)
+            settings_path = Path(out) / files.settings
+            if shard is not None:
+                (Path(out) / names.SHARD).unlink(missing_ok=True)  # written again when this run is finished
+            done, n_done = _resume(path, job, batches)
+        _run(job, batches, path, done, n_done, progress)
+    except BaseException:
+        if path is not None and settings_path is not None and not has_rows(path):
+            _forget(path, settings_path, made_folder=made_folder)
+        raise
+    if shard is not None and out is not None:
+        write_shard_file(out, stage=job.stage, shard=shard, total=job.n_rows, rows=len(done),
+                         settings=job.shard_settings)
+    return done
+
+
+def _run(job: BatchJob, batches: Sequence[int], path: Path | None, done: list[dict[str, Any]], n_done: int,
+         progress: bool) -> None:
+    """Make the batches after the first ``n_done`` of ``batches``, appending each to ``path`` and to ``done``."""
     total = sum(job.progress_rows(b) for b in batches)
     resumed = len(done)
     t0 = time.perf_counter()
@@ -184,7 +207,13 @@ def run_batches(
             done.extend(new)
             bar.update(job.progress_rows(b))
             bar.set_postfix(per_s=f"{(len(done) - resumed) / max(time.perf_counter() - t0, 1e-9):.2f}")
-    if shard is not None and out is not None:
-        write_shard_file(out, stage=job.stage, shard=shard, total=job.n_rows, rows=len(done),
-                         settings=job.shard_settings)
-    return done
+
+
+def _forget(data: Path, settings: Path, *, made_folder: bool) -> None:
+    """After a failure before the first row was written: remove the run's data and settings files (they describe
+    nothing), and its folder when this run made it and nothing else is in it."""
+    data.unlink(missing_ok=True)
+    settings.unlink(missing_ok=True)
+    folder = data.parent
+    if made_folder and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()

@@ -11,8 +11,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..errors import BadFileError, reading
+
 __all__ = ["atomic_write_text", "atomic_folder", "check_output_folder", "append_jsonl", "read_jsonl",
-           "read_jsonl_resumable", "open_run_folder"]
+           "read_jsonl_resumable", "open_run_folder", "has_rows"]
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
@@ -68,7 +70,11 @@ def atomic_folder(path: str | os.PathLike[str], *, overwrite: bool = False) -> I
         yield tmp
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "x")
+            try:
+                os.replace(path, old / "x")
+            except BaseException:  # the previous folder cannot be moved aside: it stays; no empty .old is left
+                shutil.rmtree(old, ignore_errors=True)
+                raise
             try:
                 os.replace(tmp, path)
             except BaseException:
@@ -144,12 +150,28 @@ def read_jsonl_resumable(path: str | os.PathLike[str], *, unit: int = 1) -> list
     return good[:n_complete]
 
 
+def has_rows(path: str | os.PathLike[str]) -> bool:
+    """Whether a JSONL data file holds at least one complete line (a row a rerun would keep).
+
+    Examples:
+        >>> has_rows("no/such/file.jsonl")
+        False
+    """
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        return any(line.endswith(b"\n") and line.strip() for line in f)
+
+
 def open_run_folder(out: str | os.PathLike[str], settings: dict[str, Any], *, settings_name: str,
                     data_name: str, what: str) -> Path:
     """Prepare a resumable run folder; return the path of its append-only data file.
 
     A new folder gets ``settings_name`` (JSON). A folder holding a run with the same settings is
-    continued; one with other settings is refused with a message naming each difference; a data
+    continued; one with other settings is refused with a message naming each difference, unless it
+    holds no complete row yet (a run that failed before its first batch was written): then the new
+    settings replace the old ones, so a corrected rerun is never blocked by the failed one. A data
     file without settings is refused.
 
     Examples:
@@ -162,9 +184,17 @@ def open_run_folder(out: str | os.PathLike[str], settings: dict[str, Any], *, se
     folder.mkdir(parents=True, exist_ok=True)
     data_path, settings_path = folder / data_name, folder / settings_name
     if settings_path.is_file():
-        old = json.loads(settings_path.read_text())
+        with reading(settings_path, what=f"the settings of a {what} run (JSON)",
+                     todo="Delete the folder (or choose another) and run again."):
+            old = json.loads(settings_path.read_text(encoding="utf-8"))
+        if not isinstance(old, dict):
+            raise BadFileError(settings_path, f"holds a JSON {type(old).__name__}, not the settings of a {what} run",
+                               "Delete the folder (or choose another) and run again.")
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-        if diff:
+        if diff and not has_rows(data_path):  # nothing made with the old settings: the new ones replace them
+            data_path.unlink(missing_ok=True)  # at most a torn line
+            atomic_write_text(settings_path, json.dumps(settings, indent=2))
+        elif diff:
             said = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
             raise ValueError(f"{folder} holds a {what} run with other settings ({said}); rerun with the same "
                              "settings to continue it, or choose another output folder (CLI: or --overwrite).")
