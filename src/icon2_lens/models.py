@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 
 from .errors import BadFileError, BadInputError, read_text, reading
+from .hardware import resolve_device
 
 __all__ = ["LoadedModel", "ModelInfo", "load_model", "resolve_source", "cache_dir", "EMBEDDED_MODEL",
            "check_chat_template", "read_chat_template"]
@@ -385,9 +386,8 @@ def load_model(
 
     if chat_template is not None:
         check_chat_template(chat_template)  # before any (slow) loading
+    device = str(resolve_device(device))  # an unknown device, or CUDA where there is none: an error, before loading
     kind, hf_path, model_id, source_str = resolve_source(source)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     what = {"hf_id": "an HF model id", "hf_dir": "an HF causal language model folder"}.get(
         kind, "a causal language model (dequantised from GGUF into the icon2_lens cache folder " + hf_path + ")")
     try:

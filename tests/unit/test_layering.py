@@ -36,12 +36,14 @@ ROOT = "icon2_lens"
 #:   files through them; the rest of runs/ (the batch runner, shards, costs) sits above gen/, whose `Generation`
 #:   and cache reading it uses;
 #: - training is a stage module like the others (it uses runs.costs and runs.io);
+#: - hardware (what this machine offers: the device check, precision) is a torch-only leaf beside math, so that
+#:   models.load_model checks the device before it loads anything;
 #: - errors (the one bad-input error type and the readers that name a file) is below everything, stdlib-only
 #:   apart from a lazy yaml import, so every reader can raise it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("L00 errors", ("errors",)),
-    ("L0 pure", ("math", "runs.io", "runs.names")),
-    ("L1 loaders and reports", ("models", "prompts", "criteria", "instructions", "reports", "hardware")),
+    ("L0 pure", ("math", "runs.io", "runs.names", "hardware")),
+    ("L1 loaders and reports", ("models", "prompts", "criteria", "instructions", "reports")),
     ("L2 activations", ("activations",)),
     ("L3 gen", ("gen",)),
     ("L4 runs", ("runs",)),
@@ -59,7 +61,7 @@ WITHIN = {"L0 pure", "L3 gen", "L4 runs", "L5 stages", "L6 pipeline", "L7 cli"}
 #: Known exceptions to (b), each with its owner's TODO. Keep this empty.
 PRIVATE_IMPORT_EXCEPTIONS: set[tuple[str, str, str]] = set()
 
-PURE = {"math": {"torch", "jaxtyping"}, "runs.io": set(), "runs.names": set(), "errors": {"yaml"}}
+PURE = {"math": {"torch", "jaxtyping"}, "runs.io": set(), "runs.names": set(), "hardware": {"torch"}, "errors": {"yaml"}}
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,12 @@ from pathlib import Path
 
 from ..calibration import load_gammas
 from ..controls import CONTROL_KINDS, ControlsConfig, make_controls
+from ..criteria import resolve_criteria
 from ..directions import DirectionSet, ExtractConfig, extract_directions
 from ..evaluation import EvaluateConfig, evaluate, pair_report
+from ..hardware import resolve_device
 from ..instructions import load_instructions
-from ..judges import ProbeScorer, make_judge
+from ..judges import ProbeScorer, check_judge, make_judge
 from ..layers import LayersConfig, layer_report, split_half_stability
 from ..models import LoadedModel, load_model, read_chat_template
 from ..pairs import PairsConfig, generate_pairs, table_rows
@@ -121,9 +123,10 @@ def extract_args(p: argparse.ArgumentParser) -> None:
 def extract_command(args: argparse.Namespace, cfg: ExtractConfig) -> list[Path]:
     """Run ``icon2-lens extract``; return the paths it wrote."""
     check_output_folder(args.out, overwrite=args.overwrite)  # fail before the slow part
+    criteria = resolve_criteria(args.criteria)  # a bad criteria list or YAML: an error before the model loads
     instructions = load_instructions(args.instructions, limit=args.n_instructions)
     model = load(args)
-    dirs = extract_directions(model, args.criteria, instructions, method=cfg.method, hook=cfg.hook,
+    dirs = extract_directions(model, criteria, instructions, method=cfg.method, hook=cfg.hook,
                               batch_size=cfg.batch_size, stability=cfg.stability, progress=not args.no_progress)
     dirs.save(args.out, overwrite=args.overwrite)
     print(dirs)
@@ -362,6 +365,9 @@ def evaluate_command(args: argparse.Namespace, cfg: EvaluateConfig) -> list[Path
     import torch
 
     check_output_folder(args.out, overwrite=args.overwrite)
+    resolve_device(args.device)
+    if args.judge:
+        check_judge(args.judge)  # before any model loads
     dirs = DirectionSet.load(args.directions)
     instructions = load_instructions(args.instructions, limit=args.n) if args.n != 0 else []
     pref = load_preference_set(cfg.preference_set)  # fail early on a bad file
