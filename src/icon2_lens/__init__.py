@@ -56,6 +56,7 @@ from .pipeline import (
     run_distill,
     run_pipeline,
 )
+from .errors import BadFileError, BadInputError
 from .preference import load_preference_set
 from .prompts import render_chat
 from .runs.costs import measure_costs
@@ -82,4 +83,6 @@ __all__ = [
     "run_distill", "DistillConfig",
     # runs
     "run_pipeline", "RunConfig", "load_config", "merge_shards", "measure_costs",
+    # errors: bad input (a ValueError naming the option) and a bad file (naming the file)
+    "BadInputError", "BadFileError",
 ]
