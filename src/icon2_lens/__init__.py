@@ -41,6 +41,7 @@ from .calibration import calibrate_gamma
 from .controls import make_controls
 from .criteria import DEFAULT_CRITERIA, Criterion, load_criteria
 from .directions import DirectionSet, extract_directions
+from .errors import BadFileError, BadInputError
 from .evaluation import evaluate
 from .instructions import load_instructions
 from .layers import layer_report
@@ -56,7 +57,6 @@ from .pipeline import (
     run_distill,
     run_pipeline,
 )
-from .errors import BadFileError, BadInputError
 from .preference import load_preference_set
 from .prompts import render_chat
 from .runs.costs import measure_costs
