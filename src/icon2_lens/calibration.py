@@ -45,7 +45,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from .directions import DirectionSet, instruction_hash
-from .errors import BadFileError, read_text
+from .errors import BadFileError, read_yaml
 from .judges import Judge, ProbeScorer, Scorer, is_pairwise
 from .math.gamma import bootstrap_choices, check_win_threshold, choose_gammas, cumulative_push, gamma_grid
 from .math.text import distinct_n, is_degenerate
@@ -190,13 +190,7 @@ def load_gammas(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise FileNotFoundError(f"{p} does not exist; run `icon2-lens calibrate` first or pass the gammas directly.")
     todo = ("Fix the value in the file, or run `icon2-lens calibrate` again to write a new gammas.yaml "
             "(or leave out --gammas and give --gamma-pos/--gamma-neg).")
-    text = read_text(p, what="a gammas.yaml written by `icon2-lens calibrate`", todo=todo)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" (line {mark.line + 1}, column {mark.column + 1}: {getattr(exc, 'problem', '')})" if mark else ""
-        raise BadFileError(p, f"is not valid YAML{at}", todo) from exc
+    data = read_yaml(p, what="a gammas.yaml written by `icon2-lens calibrate`", todo=todo)
     if not isinstance(data, dict) or "gamma_pos" not in data or "gamma_neg" not in data:
         raise BadFileError(p, "has no gamma_pos/gamma_neg; it is not a calibration output", todo)
     for key, value in data.items():

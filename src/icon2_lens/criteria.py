@@ -13,9 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .errors import BadFileError, BadInputError, read_text
+from .errors import BadFileError, BadInputError, read_yaml
 
 __all__ = ["Criterion", "DEFAULT_CRITERIA", "load_criteria", "resolve_criteria"]
 
@@ -139,13 +137,7 @@ def load_criteria(path: str | Path) -> list[Criterion]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Criteria file {path} does not exist; pass a YAML file with name/positive/negative.")
-    text = read_text(path, what="a criteria YAML file", todo=_FILE_TODO)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" (line {mark.line + 1}, column {mark.column + 1}: {getattr(exc, 'problem', '')})" if mark else ""
-        raise BadFileError(path, f"is not valid YAML{at}", _FILE_TODO) from exc
+    data = read_yaml(path, what="a criteria YAML file", todo=_FILE_TODO)
     return _from_mapping(data, str(path))
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 __all__ = ["Icon2Error", "BadInputError", "BadFileError", "MissingFileError", "reading", "read_text", "read_json",
-           "read_yaml", "check_finite", "public_path"]
+           "read_yaml", "json_kind", "check_finite", "public_path"]
 
 T = TypeVar("T")
 
@@ -131,10 +131,31 @@ def read_json(path: str | os.PathLike[str], *, what: str, todo: str = "") -> Any
 
 
 def read_yaml(path: str | os.PathLike[str], *, what: str, todo: str = "") -> Any:
-    """A YAML file (``yaml.safe_load``); a parse error is a `BadFileError` naming ``path`` and the line."""
+    """A YAML file (``yaml.safe_load``); a parse error is a `BadFileError` naming ``path``, the line and column."""
     import yaml
 
-    return _read(path, yaml.safe_load, what=what, todo=todo)
+    text = read_text(path, what=what, todo=todo)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1}: {getattr(exc, 'problem', '')})" if mark else ""
+        raise BadFileError(path, f"is not valid YAML{at}", todo) from exc
+
+
+def json_kind(value: object) -> str:
+    """A JSON value's kind in words, for messages about a file's content.
+
+    Examples:
+        >>> json_kind(3), json_kind([1]), json_kind(None)
+        ('a number', 'a list', 'null')
+    """
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {list: "a list", dict: "an object", str: "a string", type(None): "null"}.get(type(value),
+                                                                                        type(value).__name__)
 
 
 def check_finite(value: float | None, option: str, *, low: float | None = None, high: float | None = None,

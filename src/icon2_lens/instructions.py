@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import BadFileError, BadInputError, read_text, reading
+from .errors import BadFileError, BadInputError, json_kind, read_text, reading
 
 __all__ = ["load_instructions", "builtin_instructions", "BUILTIN_SETS"]
 
@@ -50,16 +50,6 @@ def _column_hint(column: str) -> str:
             + "; from Python, load_instructions(..., column=NAME) reads another field.")
 
 
-def _json_kind(value: object) -> str:
-    """A JSON value's kind in words ("a number", "a list", "null")."""
-    if isinstance(value, bool):
-        return "true/false"
-    if isinstance(value, (int, float)):
-        return "a number"
-    return {list: "a list", dict: "an object", str: "a string", type(None): "null"}.get(type(value),
-                                                                                        type(value).__name__)
-
-
 def _from_jsonl(path: Path, column: str) -> list[str]:
     out = []
     text = read_text(path, what="an instruction file (JSONL)", todo=_FILE_TODO)
@@ -77,13 +67,13 @@ def _from_jsonl(path: Path, column: str) -> list[str]:
         elif isinstance(row, dict) and column in row:
             value = row[column]
             if not isinstance(value, str):
-                raise BadFileError(path, f"line {i}: the {column!r} field is {_json_kind(value)}, not text",
+                raise BadFileError(path, f"line {i}: the {column!r} field is {json_kind(value)}, not text",
                                    "Give each instruction as a JSON string.")
             out.append(value)
         elif isinstance(row, dict):
             raise BadFileError(path, f"line {i} has no {column!r} field (found {sorted(row)})", _column_hint(column))
         else:
-            raise BadFileError(path, f"line {i} is {_json_kind(row)}, not a JSON object with an {column!r} field "
+            raise BadFileError(path, f"line {i} is {json_kind(row)}, not a JSON object with an {column!r} field "
                                "or a string", _column_hint(column))
     return out
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..errors import BadFileError, BadInputError, read_text, reading
+from ..errors import BadFileError, BadInputError, json_kind, read_text, reading
 from ..hardware import choose_precision
 from ..models import resolve_source
 from ..reports import train_curve_figure
@@ -119,16 +119,6 @@ def _read_pairs_file(path: Path) -> list[tuple[int, Any]]:
     return out
 
 
-def _json_kind(value: object) -> str:
-    """A JSON value's kind in words ("a number", "a list", "null")."""
-    if isinstance(value, bool):
-        return "true/false"
-    if isinstance(value, (int, float)):
-        return "a number"
-    return {list: "a list", dict: "an object", str: "a string", type(None): "null"}.get(type(value),
-                                                                                        type(value).__name__)
-
-
 def _side_problem(key: str, value: Any) -> str | None:
     if isinstance(value, str):
         return None if value.strip() else f"{key!r} is empty"
@@ -137,14 +127,14 @@ def _side_problem(key: str, value: Any) -> str | None:
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                 return f"{key!r} is a list whose items are not chat messages with text 'role' and 'content'"
         return None
-    kind = "an empty list" if isinstance(value, list) else _json_kind(value)
+    kind = "an empty list" if isinstance(value, list) else json_kind(value)
     return f"{key!r} is {kind}, not text or a list of chat messages"
 
 
 def _pair_problem(row: Any) -> str | None:
     """What keeps ``row`` from being a training pair TRL can read, or ``None``."""
     if not isinstance(row, dict):
-        return f"it is {_json_kind(row)}, not a JSON object"
+        return f"it is {json_kind(row)}, not a JSON object"
     missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
     if missing:
         return f"it lacks {', '.join(repr(k) for k in missing)}"
