@@ -20,7 +20,7 @@ from icon2_lens.cli import main
 from icon2_lens.distill import teacher as teacher_mod
 from icon2_lens.distill.problems import load_problems
 from icon2_lens.gen import Generation
-from icon2_lens.pipeline.distill_run import STUDENTS, DistillConfig, run_distill, text_agreement
+from icon2_lens.pipeline.distill_run import STUDENTS, DistillConfig, majority_control, run_distill, text_agreement
 
 CFG = DistillConfig(n_problems=8, k=2, m=1, max_new_tokens=8, eval_tokens=8, teacher_batch_size=4, max_steps=1,
                     batch_size=2, precision="fp32", predict_tokens=3, explain_tokens=4, test_batch_size=4)
@@ -109,6 +109,9 @@ def test_run_distill_writes_the_layout_reuses_and_reruns_what_changed(talker_dir
     sev_cell = metrics["self_evaluation"]
     assert sev_cell["text"] == text_agreement(test_rows) and sev_cell["probe"]["n"] == sev_cell["text"]["n"] == 4
     assert sev_cell["better"] in ("probe", "text", "not distinguishable at this size")
+    control = sev_cell["control"]  # always the train rationales' more common class, on the same test rationales
+    assert control == majority_control(teacher_rows[:6], test_rows) and control["n"] == 4
+    assert 'control: always "' in res.report.read_text()
     assert metrics["data"]["rationale_rows"] == 12 and metrics["data"]["rationale_rows_per_question"] == 2
     assert metrics["costs"]["questions_measured"] == 8
     assert metrics["costs"]["phases"]["generation"]["wall_seconds_per_question"] is not None
@@ -233,3 +236,12 @@ def test_the_pipeline_stage_is_off_by_default_and_runs_run_distill_when_on(talke
     assert metrics["self_evaluation"]["better"] == "probe off" and metrics["split"]["n_test"] == 2
     assert (tmp_path / "run" / "distill" / "student" / "config.json").is_file()
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["distill"]["rows"] == 2
+
+
+def test_majority_control_says_the_train_majority_class():
+    train = [{"rationale_answers": ["1", "2", "3"], "rationale_correct": [True, True, False]}]
+    test = [{"rationale_answers": ["5", "4", None, "6"], "rationale_correct": [True, False, True, False]}]
+    c = majority_control(train, test)
+    assert c["label"] == "correct" and (c["correct"], c["n"]) == (1, 3)  # unreadable answers are not scored
+    c = majority_control([{"rationale_answers": ["1"], "rationale_correct": [False]}], test)
+    assert c["label"] == "wrong" and (c["correct"], c["n"]) == (2, 3) and c["ci_low"] < 2 / 3 < c["ci_high"]

@@ -71,8 +71,8 @@ from ..runs.costs import load_costs
 from ..runs.io import atomic_write_text, read_jsonl
 from ..training.config import check_type
 
-__all__ = ["DistillConfig", "DistillResult", "run_distill", "distill_markdown", "text_agreement", "STUDENTS", "STEPS",
-           "DISTILL_METRICS", "DISTILL_REPORT"]
+__all__ = ["DistillConfig", "DistillResult", "run_distill", "distill_markdown", "text_agreement", "majority_control",
+           "STUDENTS", "STEPS", "DISTILL_METRICS", "DISTILL_REPORT"]
 
 DISTILL_METRICS = "metrics.json"
 DISTILL_REPORT = "report.md"
@@ -339,6 +339,32 @@ def text_agreement(rows: Sequence[Mapping[str, Any]], *, level: float = 0.9) -> 
             n += 1
             hits += (verdict == "correct" and bool(right)) or (verdict == "wrong" and not right)
     return _share(hits, n, level)
+
+
+def majority_control(train_rows: Sequence[Mapping[str, Any]], test_rows: Sequence[Mapping[str, Any]], *,
+                     level: float = 0.9) -> dict[str, Any]:
+    """The control for any self-evaluation's agreement: always say the class most common among the train
+    rationales ("wrong" for a weak teacher), scored on the same test rationales as `text_agreement`.
+
+    A self-evaluation (text or probe) that does not beat this constant has learnt nothing about correctness
+    beyond the base rate.
+
+    Examples:
+        >>> train = [{"rationale_answers": ["1", "2"], "rationale_correct": [False, False]}]
+        >>> test = [{"rationale_answers": ["5", "4", None], "rationale_correct": [True, False, False]}]
+        >>> c = majority_control(train, test); c["label"], c["accuracy"]
+        ('wrong', 0.5)
+    """
+    def classes(rows: Sequence[Mapping[str, Any]]) -> list[bool]:
+        return [bool(right) for row in rows
+                for answer, right in zip(row["rationale_answers"], row["rationale_correct"], strict=True)
+                if answer is not None]
+
+    train_c = classes(train_rows)
+    say_right = sum(train_c) > len(train_c) / 2
+    test_c = classes(test_rows)
+    return {**_share(sum(1 for c in test_c if c == say_right), len(test_c), level),
+            "label": "correct" if say_right else "wrong"}
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -663,6 +689,7 @@ def _metrics(cfg: DistillConfig, root: Path, seed: int, teacher: Any, student: A
             comparisons.append({"a": a, "b": b, "task": task, "verdict": _verdict(ca, cb)})
     # the teacher's self-evaluation: text (majority of its m labels) and probe, on the same test rationales
     text = text_agreement(test_rows, level=level)
+    control = majority_control(train_rows, test_rows, level=level)
     all_evals = _from_summary(s_test["self_eval_agreement_all"], level)
     probe_cell = None
     if probe_res is not None and probe_res.get("agreement"):
@@ -697,6 +724,7 @@ def _metrics(cfg: DistillConfig, root: Path, seed: int, teacher: Any, student: A
         "table": table, "students": students, "teacher_accuracy": teacher_acc,
         "student_self_eval": student_self_eval, "comparisons": comparisons,
         "self_evaluation": {"text": text, "text_all_evaluations": all_evals, "probe": probe_cell, "better": better,
+                            "control": control,
                             "probe_fit": None if probe_res is None else {
                                 k: probe_res.get(k) for k in ("fitted", "reason", "n_train_rationales",
                                                               "n_test_rationales", "probe")}},
@@ -763,6 +791,16 @@ def distill_markdown(metrics: Mapping[str, Any]) -> str:
         auc = sev["probe"].get("auc")
         lines.append(f"| answer probe (residual stream at the answer, fitted on the train questions) | "
                      f"{_pct(sev['probe'])}" + (f", AUC {auc:.3f}" if auc is not None else "") + " |")
+    control = sev.get("control")
+    if control is not None:
+        lines.append(f"| control: always \"{control['label']}\" (the train rationales' more common class) | "
+                     f"{_pct(control)} |")
+    if control is not None:
+        beat = [name for name, cell in (("text", sev["text"]), ("probe", sev["probe"]))
+                if cell is not None and _verdict(cell, control) == "above"]
+        lines += ["", "Above the constant control (intervals do not overlap): " + (", ".join(beat) if beat else
+                  "neither; an agreement figure at or below the control says nothing about correctness beyond "
+                  "the base rate") + "."]
     better = sev["better"]
     if better in ("probe", "text"):
         lines += ["", f"The {better} self-evaluation agrees better with gold (the intervals do not overlap)."]
