@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
@@ -32,6 +32,7 @@ from .activations import HookKind, LastTokenReader, tokenize_texts
 from .criteria import Criterion, resolve_criteria
 from .errors import BadFileError, BadInputError, read_json, reading
 from .instructions import load_instructions
+from .llama_cpp import model_hint, write_control_vector
 from .math.contrast import (
     STAT_NAMES,  # noqa: F401 (re-exported: icon2_lens.directions.STAT_NAMES)
     ContrastAccumulator,
@@ -57,6 +58,9 @@ __all__ = [
     "accumulate_contrasts",
     "instruction_hash",
     "versions",
+    "steering_vectors",
+    "Scale",
+    "SCALES",
 ]
 
 
@@ -242,6 +246,73 @@ class DirectionSet:
             f"model={m.get('model', {}).get('model_id')}, suggested_layers={self.suggested_layers})"
         )
 
+    # ---- llama.cpp ----------------------------------------------------------------------------
+    def export_gguf(self, path: str | Path, criterion: str, *, layers: Sequence[int] | range | None = None,
+                    gamma: float | None = None, scale: Scale = "relative") -> Path:
+        """Write one criterion's steering vectors as a llama.cpp control-vector GGUF (atomically); return ``path``.
+
+        The file holds one F32 tensor ``direction.{i}`` per exported layer ``i`` (repeng's format, with
+        ``general.architecture = "controlvector"``, ``controlvector.model_hint`` and ``controlvector.layer_count``).
+        Layer convention: our layer ``i`` (the output of block ``i``) = HF ``hidden_states[i + 1]`` =
+        TransformerLens ``blocks.{i}.hook_resid_post`` = llama.cpp ``il = i`` = tensor ``direction.{i}``
+        (`icon2_lens.llama_cpp`). llama.cpp adds a control vector at block outputs only, so only ``resid_post``
+        directions can be exported, and never layer 0 (llama.cpp has no tensor for it).
+
+        Args:
+            path: the ``.gguf`` file to write (an earlier file is replaced only once the new one is complete).
+            criterion: the criterion whose vectors are written.
+            layers: the layers (all >= 1); default: the suggested steering layers if set, else every layer >= 1.
+            gamma: ``None`` (default): the vectors for gamma 1 with the ``scale`` factors baked in, so that
+                llama.cpp's ``--control-vector-scaled FILE:GAMMA`` adds exactly what ``steer(..., gamma=GAMMA,
+                scale=scale, layers=layers)`` adds (llama.cpp multiplies the whole file by GAMMA). A number: that
+                gamma baked in too (apply with ``--control-vector FILE``).
+            scale: what gamma is measured in (`icon2_lens.steering`): ``"relative"``, ``"unit"`` or ``"contrast"``.
+
+        Returns:
+            ``path``. `icon2_lens.llama_cpp.llama_cpp_command` gives the llama.cpp command line.
+
+        Examples:
+            >>> dirs.export_gguf("helpful.gguf", "helpful", layers=range(10, 20))  # doctest: +SKIP
+            PosixPath('helpful.gguf')
+        """
+        from .activations import hook_kind
+
+        if hook_kind(self.hook) != "resid_post":
+            raise BadInputError(f"These directions were read at {self.hook!r}; llama.cpp adds control vectors to "
+                                "block outputs (resid_post) only. Extract them with hook resid_post (`icon2-lens "
+                                "extract --hook resid_post`) to export.", option="directions")
+        chosen = self.export_layers(layers)
+        if gamma is not None and (isinstance(gamma, bool) or not isinstance(gamma, (int, float))
+                                  or not torch.isfinite(torch.tensor(float(gamma)))):
+            raise BadInputError(f"gamma={gamma!r} is not a finite number; give a number or None.", option="gamma")
+        vecs = steering_vectors(self, criterion, 1.0 if gamma is None else float(gamma), layers=chosen, scale=scale)
+        model = self.meta.get("model") or {}
+        meta: dict[str, str | float | int] = {"icon2_lens.criterion": criterion, "icon2_lens.scale": scale,
+                                              "icon2_lens.hook": self.hook,
+                                              "icon2_lens.model_id": str(model.get("model_id") or "unknown")}
+        if gamma is not None:
+            meta["icon2_lens.gamma"] = float(gamma)
+        return write_control_vector(path, {k: v[0] for k, v in vecs.items()}, hint=model_hint(model), meta=meta)
+
+    def export_layers(self, layers: Sequence[int] | range | None = None) -> list[int]:
+        """The layers `export_gguf` writes for ``layers`` (``None``: suggested, else all >= 1); refuses layer 0.
+
+        Examples:
+            >>> dirs.export_layers(None)  # doctest: +SKIP
+            [15, 16, 17, 18, 19, 20, 21, 22, 23, 24]
+        """
+        if layers is None:
+            chosen = self.suggested_layers or [x for x in self.layers if x >= 1]
+        else:
+            chosen = [int(x) for x in layers]
+        if any(x <= 0 for x in chosen):
+            raise BadInputError(f"Layer {min(chosen)} cannot be exported: llama.cpp adds control vectors at the "
+                                "outputs of blocks 1 and up (it has no tensor for block 0). Pass layers >= 1.",
+                                option="layers")
+        if not chosen:
+            raise BadInputError("No layers >= 1 to export; pass layers=.", option="layers")
+        return chosen
+
     # ---- compatibility --------------------------------------------------------------------
     def check_compatible(self, model: LoadedModel) -> None:
         """Refuse a model whose shape or config fingerprint differs from the one the vectors came from."""
@@ -328,6 +399,79 @@ class DirectionSet:
         if model is not None:
             out.check_compatible(model)
         return out
+
+
+# ---- steering vectors (used by icon2_lens.steering and export_gguf) ---------------------------------
+
+#: What gamma is measured in (module docs): ``"relative"``: a fraction of each layer's mean residual norm;
+#: ``"unit"``: gamma times the unit vector; ``"contrast"``: the criterion's P+/P- projection gap spread over the layers.
+Scale = Literal["relative", "unit", "contrast"]
+SCALES: tuple[str, ...] = ("relative", "unit", "contrast")
+def steering_vectors(
+    directions: DirectionSet,
+    criterion: str | Sequence[str],
+    gamma: float | Sequence[float] | Float[Tensor, " batch"],
+    *,
+    layers: Sequence[int] | range | None = None,
+    scale: Scale = "relative",
+) -> dict[int, Float[Tensor, "batch d_model"]]:
+    """The vector added at each layer, one row per batch row (or one row for all).
+
+    Defined here (re-exported by `icon2_lens.steering`, whose module docs explain the scales) so that
+    `DirectionSet.export_gguf` can use it.
+
+    ``criterion`` and ``gamma`` may each be one value or one per batch row. Row ``i`` at layer ``l``
+    of the ``L`` layers is ``gamma_i * s * u[c_i, l]`` with ``s`` by ``scale`` (module docs):
+    ``resid_norm[c_i, l]`` (``"relative"``: the mean residual norm at the read position, stored in
+    the DirectionSet), ``1`` (``"unit"``) or ``|proj_gap[c_i, l]| / L`` (``"contrast"``: the mean
+    projection of ``h+ - h-``; it is positive by the sign convention of the directions, its absolute
+    value guards directions made elsewhere). The vectors add up over the layers; see
+    `icon2_lens.math.gamma.cumulative_push`.
+
+    Examples:
+        >>> vecs = steering_vectors(dirs, "helpful", 0.1, layers=range(15, 25))  # doctest: +SKIP
+        >>> vecs[15].shape  # doctest: +SKIP
+        torch.Size([1, 576])
+    """
+    if scale not in SCALES:
+        raise ValueError(f"Unknown scale {scale!r}; use 'relative', 'unit' or 'contrast'.")
+    names = [criterion] if isinstance(criterion, str) else list(criterion)
+    if not names:
+        raise ValueError("No criterion given; pass a criterion name (or one per row).")
+    idx = [directions.index(c) for c in names]
+    g = torch.as_tensor(gamma, dtype=torch.float32).flatten()
+    if not torch.isfinite(g).all():
+        raise ValueError("gamma must be finite.")
+    rows = max(len(idx), len(g))
+    if len(idx) not in (1, rows) or len(g) not in (1, rows):
+        raise ValueError(f"Got {len(idx)} criteria and {len(g)} gammas; give one of each or one per row.")
+    idx_t = torch.tensor(idx).expand(rows) if len(idx) == 1 else torch.tensor(idx)
+    g = g.expand(rows)
+    if layers is None:
+        layers = directions.suggested_layers
+        if not layers:
+            raise ValueError("These directions have no suggested layers; run `icon2-lens layers` first "
+                             "or pass layers=.")
+    layers = list(layers)
+    if not layers:
+        raise ValueError("The layer selection is empty; pass at least one layer (or None for the suggested range).")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"Layers repeat in {layers}; pass each layer once.")
+    out = {}
+    for layer in layers:
+        if layer not in directions.layers:
+            raise ValueError(f"Layer {layer} is not in the directions (which have {list(directions.layers)}).")
+        li = directions.layers.index(layer)
+        u = directions.vectors[idx_t, li]  # [rows, d]
+        if scale == "unit":
+            size = g
+        elif scale == "relative":
+            size = g * directions.stats["resid_norm"][idx_t, li]
+        else:
+            size = g * directions.stats["proj_gap"][idx_t, li].abs() / len(layers)
+        out[int(layer)] = size[:, None] * u
+    return out
+
 
 
 def _contrast_batches(

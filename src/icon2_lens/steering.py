@@ -39,87 +39,19 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import Any, Literal
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from .activations import hook_kind
-from .directions import DirectionSet
+from .directions import SCALES, DirectionSet, Scale, steering_vectors
 from .gen import PositionTracker, SteerAdder, SteerSpec, engine
 from .gen.base import Positions
 from .models import LoadedModel
 
 __all__ = ["steer", "Steering", "steering_vectors", "steer_spec", "Scale", "SCALES", "Positions", "SteerPath"]
 
-#: What gamma is measured in (module docs): ``"relative"``: a fraction of each layer's mean residual norm;
-#: ``"unit"``: gamma times the unit vector; ``"contrast"``: the criterion's P+/P- projection gap spread over the layers.
-Scale = Literal["relative", "unit", "contrast"]
-SCALES: tuple[str, ...] = ("relative", "unit", "contrast")
 #: Which engine the hooks go on: the fast HF engine, the bridge, or both.
 SteerPath = Literal["hf", "bridge", "both"]
-
-
-def steering_vectors(
-    directions: DirectionSet,
-    criterion: str | Sequence[str],
-    gamma: float | Sequence[float] | Float[Tensor, " batch"],
-    *,
-    layers: Sequence[int] | range | None = None,
-    scale: Scale = "relative",
-) -> dict[int, Float[Tensor, "batch d_model"]]:
-    """The vector added at each layer, one row per batch row (or one row for all).
-
-    ``criterion`` and ``gamma`` may each be one value or one per batch row. Row ``i`` at layer ``l``
-    of the ``L`` layers is ``gamma_i * s * u[c_i, l]`` with ``s`` by ``scale`` (module docs):
-    ``resid_norm[c_i, l]`` (``"relative"``: the mean residual norm at the read position, stored in
-    the DirectionSet), ``1`` (``"unit"``) or ``|proj_gap[c_i, l]| / L`` (``"contrast"``: the mean
-    projection of ``h+ - h-``; it is positive by the sign convention of the directions, its absolute
-    value guards directions made elsewhere). The vectors add up over the layers; see
-    `icon2_lens.math.gamma.cumulative_push`.
-
-    Examples:
-        >>> vecs = steering_vectors(dirs, "helpful", 0.1, layers=range(15, 25))  # doctest: +SKIP
-        >>> vecs[15].shape  # doctest: +SKIP
-        torch.Size([1, 576])
-    """
-    if scale not in SCALES:
-        raise ValueError(f"Unknown scale {scale!r}; use 'relative', 'unit' or 'contrast'.")
-    names = [criterion] if isinstance(criterion, str) else list(criterion)
-    if not names:
-        raise ValueError("No criterion given; pass a criterion name (or one per row).")
-    idx = [directions.index(c) for c in names]
-    g = torch.as_tensor(gamma, dtype=torch.float32).flatten()
-    if not torch.isfinite(g).all():
-        raise ValueError("gamma must be finite.")
-    rows = max(len(idx), len(g))
-    if len(idx) not in (1, rows) or len(g) not in (1, rows):
-        raise ValueError(f"Got {len(idx)} criteria and {len(g)} gammas; give one of each or one per row.")
-    idx_t = torch.tensor(idx).expand(rows) if len(idx) == 1 else torch.tensor(idx)
-    g = g.expand(rows)
-    if layers is None:
-        layers = directions.suggested_layers
-        if not layers:
-            raise ValueError("These directions have no suggested layers; run `icon2-lens layers` first "
-                             "or pass layers=.")
-    layers = list(layers)
-    if not layers:
-        raise ValueError("The layer selection is empty; pass at least one layer (or None for the suggested range).")
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"Layers repeat in {layers}; pass each layer once.")
-    out = {}
-    for layer in layers:
-        if layer not in directions.layers:
-            raise ValueError(f"Layer {layer} is not in the directions (which have {list(directions.layers)}).")
-        li = directions.layers.index(layer)
-        u = directions.vectors[idx_t, li]  # [rows, d]
-        if scale == "unit":
-            size = g
-        elif scale == "relative":
-            size = g * directions.stats["resid_norm"][idx_t, li]
-        else:
-            size = g * directions.stats["proj_gap"][idx_t, li].abs() / len(layers)
-        out[int(layer)] = size[:, None] * u
-    return out
 
 
 class Steering:

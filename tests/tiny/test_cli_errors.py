@@ -39,6 +39,7 @@ _ARGV = {
     "run": ["--out", "OUT"],
     "merge": ["synthesize", "S0", "S1", "--out", "OUT"],
     "serve": [],
+    "export": ["--directions", "D", "--criterion", "helpful", "--out", "OUT"],
 }
 
 

@@ -32,6 +32,8 @@ ROOT = "icon2_lens"
 #: Where this differs from the sketch in DESIGN.md, on purpose:
 #: - reports sits at the bottom with the loaders (it builds tables and figures from plain data and imports no
 #:   stage), so that the stage modules and runs.costs (cost_table) can delegate to it;
+#: - llama_cpp (the control-vector GGUF format: write, read, the command line) is a loader-level leaf that knows
+#:   no DirectionSet, so that directions (DirectionSet.export_gguf) can use it;
 #: - runs.io and runs.names are stdlib-only leaves, below everything: the stages and models' neighbours write
 #:   files through them; the rest of runs/ (the batch runner, shards, costs) sits above gen/, whose `Generation`
 #:   and cache reading it uses;
@@ -43,7 +45,7 @@ ROOT = "icon2_lens"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("L00 errors", ("errors",)),
     ("L0 pure", ("math", "runs.io", "runs.names", "hardware")),
-    ("L1 loaders and reports", ("models", "prompts", "criteria", "instructions", "reports")),
+    ("L1 loaders and reports", ("models", "prompts", "criteria", "instructions", "reports", "llama_cpp")),
     ("L2 activations", ("activations",)),
     ("L3 gen", ("gen",)),
     ("L4 runs", ("runs",)),

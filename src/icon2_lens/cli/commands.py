@@ -1,7 +1,7 @@
 """The ``icon2-lens`` subcommands (`COMMANDS`): what each reads, runs and writes.
 
 The stage commands and the helpers every command shares are in `icon2_lens.cli.stage_commands`;
-calibrate, run, merge and serve in `icon2_lens.cli.run_commands`; baseline and compare in
+calibrate, run, merge, serve and export in `icon2_lens.cli.run_commands`; baseline and compare in
 `icon2_lens.cli.method_commands`; distill in `icon2_lens.cli.distill_commands`. This module is the registry that
 `icon2_lens.cli.build_parser` reads.
 """
@@ -90,6 +90,9 @@ COMMANDS: dict[str, Command] = {
                      exclusive=_RULES,
                      skip=("layers", "standardize", "render", "batch_size", "min_separation", "allow_invalid"),
                      help="merge the shard folders of a sharded synthesize/score/generate run (--shard i/n)"),
+    "export": Command(run_commands.export_args, run_commands.export_command, uses_model=False,
+                      help="write a criterion's steering vectors as a llama.cpp control-vector GGUF and print the "
+                           "llama.cpp command line"),
     "serve": Command(run_commands.serve_args, run_commands.serve_command,
                      help="an OpenAI-compatible chat-completions server for the model (GET /v1/models, POST "
                           "/v1/chat/completions), e.g. a judge endpoint for ChatEndpointJudge"),

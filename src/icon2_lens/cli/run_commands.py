@@ -1,7 +1,7 @@
 """The ``icon2-lens`` commands that are not one stage: calibrate (the gamma sweep), run (the whole
-pipeline, resumable), merge (the shard folders of a sharded stage) and serve (an OpenAI-compatible
-chat endpoint, e.g. for a judge). The stage commands and the
-helpers every command shares are in `icon2_lens.cli.stage_commands`.
+pipeline, resumable), merge (the shard folders of a sharded stage), serve (an OpenAI-compatible
+chat endpoint, e.g. for a judge) and export (a criterion's steering vectors as a llama.cpp control
+vector). The stage commands and the helpers every command shares are in `icon2_lens.cli.stage_commands`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from ..gen.base import check_count
 from ..hardware import resolve_device
 from ..instructions import load_instructions
 from ..judges import PairwiseJudge, RewardModelScorer, check_reward_model
+from ..llama_cpp import llama_cpp_command
 from ..pairs import PairsConfig
 from ..pipeline import merge_shards, run_pipeline
 from ..pipeline.config import RunConfig
@@ -27,11 +28,11 @@ from ..runs import names
 from ..runs.io import check_output_folder
 from ..scoring import ScoreConfig, scoring_layers
 from ..serve import serve
-from .options import given_options
+from .options import given_options, parse_layers
 from .stage_commands import SELECTION, load, steering_io_args
 
 __all__ = ["calibrate_args", "calibrate_command", "run_args", "run_command", "merge_args", "merge_command",
-           "serve_args", "serve_command"]
+           "serve_args", "serve_command", "export_args", "export_command"]
 
 
 # ---- calibrate -----------------------------------------------------------------------------------------
@@ -191,3 +192,46 @@ def serve_command(args: argparse.Namespace, cfg: None) -> list[Path]:
     """Run ``icon2-lens serve`` until Ctrl-C; it writes nothing."""
     serve(load(args), host=args.host, port=args.port)
     return []
+
+
+# ---- export --------------------------------------------------------------------------------------------
+
+
+def export_args(p: argparse.ArgumentParser) -> None:
+    """The inputs and outputs of ``icon2-lens export``."""
+    from ..directions import SCALES
+
+    p.add_argument("--directions", required=True, type=Path, help="DirectionSet folder (from `icon2-lens extract`)")
+    p.add_argument("--criterion", required=True, help="the criterion to export (one file per criterion)")
+    p.add_argument("--out", required=True, type=Path, help="the control-vector file to write (e.g. helpful.gguf)")
+    p.add_argument("--layers", default=None,
+                   help="'suggested' (default when the directions have a suggested range), 'all' (every layer >= 1), "
+                        "a range like '10-19' or a list like '3,5,7'; layer 0 cannot be exported")
+    p.add_argument("--gamma", type=float, default=None,
+                   help="bake this gamma into the file (apply with --control-vector); default: gamma 1, to be "
+                        "scaled in llama.cpp with --control-vector-scaled FILE:GAMMA")
+    p.add_argument("--scale", choices=SCALES, default="relative",
+                   help="what gamma is measured in, as for `generate` (default relative)")
+
+
+def export_command(args: argparse.Namespace, cfg: None) -> list[Path]:
+    """Run ``icon2-lens export``: write the GGUF, print the llama.cpp command line; return the path."""
+
+    dirs = DirectionSet.load(args.directions)
+    check_finite(args.gamma, "--gamma")
+    layers: list[int] | None
+    if args.layers is None or args.layers == "suggested":
+        if args.layers == "suggested" and not dirs.suggested_layers:
+            raise BadInputError(f"{args.directions} has no suggested layers; run `icon2-lens layers --directions "
+                                f"{args.directions}` first or pass --layers 10-19 / all.", option="layers")
+        layers = None
+    else:
+        parsed = parse_layers(args.layers)
+        layers = [x for x in dirs.layers if x >= 1] if isinstance(parsed, str) else parsed
+    chosen = dirs.export_layers(layers)
+    path = dirs.export_gguf(args.out, args.criterion, layers=chosen, gamma=args.gamma, scale=args.scale)
+    print(f"wrote {path}: criterion {args.criterion!r}, blocks {chosen[0]}..{chosen[-1]} ({len(chosen)} layers), "
+          f"scale {args.scale}, " + ("gamma 1 (scale it in llama.cpp)" if args.gamma is None
+                                     else f"gamma {args.gamma!r} baked in"))
+    print(llama_cpp_command(path, layers=chosen, baked=args.gamma is not None))
+    return [path]
