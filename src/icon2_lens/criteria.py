@@ -167,7 +167,11 @@ def resolve_criteria(
     if isinstance(criteria, Path) or (isinstance(criteria, str) and (criteria.endswith((".yaml", ".yml")))):
         return load_criteria(criteria)
     if isinstance(criteria, str):
-        criteria = [c.strip() for c in criteria.split(",") if c.strip()]
+        given, criteria = criteria, [c.strip() for c in criteria.split(",")]
+        if given.strip() and not all(criteria):  # "helpful,,honest": a name left out, not silently skipped
+            raise BadInputError(f"Criteria {given!r} hold an empty name; give comma-separated names without empty "
+                                "items, e.g. helpful,honest.", option="criteria")
+        criteria = [c for c in criteria if c]
     defaults = {c.name: c for c in DEFAULT_CRITERIA}
     out: list[Criterion] = []
     for c in criteria:

@@ -402,6 +402,11 @@ def load_model(
                 "(CLI: --allow-download) if you have hub access."
             ) from exc.__cause__
         raise
+    bad = next((name for name, t in hf.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()),
+               None)
+    if bad is not None:  # NaN or infinite weights give NaN activations, scores and directions downstream
+        raise BadFileError(source_str if kind != "embedded" else hf_path, f"holds NaN or infinite weights ({bad})",
+                           _WEIGHTS_TODO)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     if tokenizer.pad_token is None:

@@ -11,6 +11,7 @@ defaults, shared with the library and the pipeline); see `icon2_lens.cli.options
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Errors a user can fix (bad options, missing or corrupt files): exit code 2 with the message.
 _USER_ERRORS = (ValueError, OSError, KeyError, TypeError)
+#: What to do when the OS refuses a write: a full disk, a read-only folder (the message names the file).
+_OS_TODO = {errno.ENOSPC: "free disk space or choose another --out folder, then rerun the same command",
+            errno.EDQUOT: "free disk space or choose another --out folder, then rerun the same command",
+            errno.EROFS: "the folder is read-only: choose a writable --out folder",
+            errno.EACCES: "check its permissions, or choose another --out folder",
+            errno.EPERM: "check its permissions, or choose another --out folder"}
 
 
 def _rows_kept(out: object) -> int:
@@ -113,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         user = isinstance(exc, _USER_ERRORS)
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         text = public_path(" ".join(str(msg).split()))
+        if isinstance(exc, OSError) and not isinstance(exc, ValueError) and exc.errno in _OS_TODO:
+            # a full disk or a read-only folder: the file, the OS's words, then what to do
+            name = f"{public_path(str(exc.filename))}: " if exc.filename else ""
+            text = f"{name}{exc.strerror or text}; {_OS_TODO[exc.errno]}."
         if user:
             print(f"{where}: error: {text}", file=sys.stderr)
             return 2

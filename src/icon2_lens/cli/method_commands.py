@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 from ..baselines import METHODS, make_pairs
@@ -17,7 +16,7 @@ from ..pipeline.compare import COMPARE_JSON, CompareConfig
 from ..pipeline.run import compare
 from ..runs import names
 from .options import add_config_options, config_from_args
-from .stage_commands import add_model_args, add_shard_arg, load, resumable_out, shard_from_args
+from .stage_commands import add_model_args, add_shard_arg, load, overwriting, resumable_out, shard_from_args
 
 __all__ = ["baseline_args", "baseline_command", "baseline_config", "compare_args", "compare_command"]
 
@@ -57,10 +56,9 @@ def baseline_command(args: argparse.Namespace, cfg: object) -> list[Path]:
         raise ValueError(f"--n-instructions must be at least 1, got {args.n_instructions}.")
     rows = instruction_rows(args.instructions, limit=args.n_instructions)  # fail early, before the model loads
     table = [{"instruction": r.instruction, "criterion": r.criterion} for r in rows]
-    if args.out.is_dir() and args.overwrite:
-        shutil.rmtree(args.out)
-    ds = make_pairs(args.method, load(args), table, cfg, seed=args.seed, out=args.out, shard=shard,
-                    progress=not args.no_progress)
+    with overwriting(args, names.PAIRS):
+        ds = make_pairs(args.method, load(args), table, cfg, seed=args.seed, out=args.out, shard=shard,
+                        progress=not args.no_progress)
     kept = sum(1 for k in ds["kept"] if k)
     print(f"{args.method}: {kept} pairs kept of {len(ds)} instructions")
     files = [names.PAIRS, names.GENERATION_SETTINGS]

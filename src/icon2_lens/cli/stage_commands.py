@@ -11,7 +11,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..calibration import load_gammas
@@ -27,7 +31,7 @@ from ..models import LoadedModel, load_model, read_chat_template
 from ..pairs import PairsConfig, generate_pairs, table_rows
 from ..preference import load_preference_set
 from ..runs import names
-from ..runs.io import atomic_write_text, check_output_folder
+from ..runs.io import atomic_write_text, check_output_folder, has_rows
 from ..runs.shards import parse_shard, shard_device
 from ..scoring import ScoreConfig, save_scores, score_instructions, scoring_layers
 from ..synthesis import SynthesisConfig, synthesis_report, synthesize_instructions
@@ -35,7 +39,8 @@ from ..training import TrainConfig, train
 from .options import config_from_args, given_options
 
 __all__ = [
-    "add_model_args", "load", "add_shard_arg", "shard_from_args", "resumable_out", "steering_io_args", "SELECTION",
+    "add_model_args", "load", "add_shard_arg", "shard_from_args", "resumable_out", "overwriting", "steering_io_args",
+    "SELECTION",
     "extract_args", "extract_command", "layers_args", "layers_command", "synthesize_args", "synthesize_command",
     "score_args", "score_command", "generate_args", "generate_command", "train_args", "train_command", "train_config",
     "controls_args", "controls_command", "evaluate_args", "evaluate_command",
@@ -98,6 +103,27 @@ def resumable_out(args: argparse.Namespace, settings_file: str, what: str) -> No
     if args.out.is_dir() and any(args.out.iterdir()) and not (args.out / settings_file).is_file():
         raise FileExistsError(f"Output folder {args.out} exists and holds no {what} run; choose another folder "
                               "(--overwrite only replaces an earlier run of this command).")
+
+
+@contextmanager
+def overwriting(args: argparse.Namespace, data_name: str) -> Iterator[None]:
+    """``--overwrite`` of a resumable command: the earlier run is moved aside, put back if this run fails or is
+    interrupted before its first row (a bad input found late leaves it byte-identical), else deleted."""
+    out = args.out
+    if not (args.overwrite and out.is_dir()):
+        yield
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.replace(out, aside / "x")
+    try:
+        yield
+    except BaseException:
+        if not has_rows(out / data_name):
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(aside / "x", out)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 #: The selection options of `score` (and of `merge score`).
@@ -184,11 +210,10 @@ def synthesize_command(args: argparse.Namespace, cfg: SynthesisConfig) -> list[P
 
     shard = shard_from_args(args)
     resumable_out(args, names.SYNTHESIS_SETTINGS, "synthesis")
-    if args.out.is_dir() and args.overwrite:
-        shutil.rmtree(args.out)
-    model = load(args)
-    ds = synthesize_instructions(model, args.n, seed=args.seed, out=args.out, progress=not args.no_progress,
-                                 shard=shard, **dataclasses.asdict(cfg))
+    with overwriting(args, names.RAW):
+        model = load(args)
+        ds = synthesize_instructions(model, args.n, seed=args.seed, out=args.out, progress=not args.no_progress,
+                                     shard=shard, **dataclasses.asdict(cfg))
     if shard is not None:  # clean-up and de-duplication need all shards: `icon2-lens merge synthesize`
         print(f"shard {shard[0]}/{shard[1]}: {synthesis_report(ds)['generated']} generations (cleaned by the merge)")
         return [args.out / n for n in names.STAGE_FILES["synthesize"].shard_outputs]
@@ -261,11 +286,10 @@ def generate_command(args: argparse.Namespace, cfg: PairsConfig) -> list[Path]:
         from_file = {k: v for k, v in load_gammas(args.gammas).items() if k in PairsConfig.__dataclass_fields__}
         cfg = config_from_args(args, PairsConfig, base=from_file)
     table = table_rows(args.instructions, cfg.criterion, dirs)  # fail early on a bad table
-    if args.out.is_dir() and args.overwrite:
-        shutil.rmtree(args.out)
-    model = load(args)
-    pairs = generate_pairs(model, dirs, table, cfg, seed=args.seed, out=args.out, progress=not args.no_progress,
-                           shard=shard)
+    with overwriting(args, names.PAIRS):
+        model = load(args)
+        pairs = generate_pairs(model, dirs, table, cfg, seed=args.seed, out=args.out, progress=not args.no_progress,
+                               shard=shard)
     if shard is not None:  # the pair report needs all pairs: `icon2-lens merge generate` writes it
         print(f"shard {shard[0]}/{shard[1]}: {len(pairs)} pairs")
         return [args.out / n for n in names.STAGE_FILES["generate"].shard_outputs]
