@@ -21,6 +21,12 @@ Block 0's output cannot be steered from a file (llama.cpp has no tensor for laye
 ``cvector-generator`` reads block ``il`` but names its tensor ``direction.{il + 1}``: a one-block shift that
 `read_control_vector` undoes with ``index="cvector-generator"``.
 
+**In llama-cpp-python.** The bindings (the ``llama-cpp`` extra: ``pip install 'icon2-lens[llama-cpp]'``)
+have no control-vector argument. `control_vector` does what llama.cpp's ``--control-vector-scaled
+FILE:STRENGTH --control-vector-layer-range A B`` does (``common_control_vector_load`` then
+``llama_set_adapter_cvec``) on a ``llama_cpp.Llama``, while active; `last_token_logits` reads the next-token
+logits of a token sequence. Both import ``llama_cpp`` only when called.
+
 This module knows nothing of `icon2_lens.directions.DirectionSet`; ``DirectionSet.export_gguf`` computes the
 vectors and calls `write_control_vector`.
 """
@@ -31,7 +37,8 @@ import os
 import re
 import shlex
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,7 +50,7 @@ from torch import Tensor
 from .errors import BadFileError, BadInputError, reading
 
 __all__ = ["ControlVector", "IndexBase", "INDEX_BASES", "write_control_vector", "read_control_vector",
-           "llama_cpp_command", "model_hint"]
+           "llama_cpp_command", "model_hint", "control_vector", "last_token_logits", "EXTRA"]
 
 ARCH = "controlvector"
 #: How a file's tensor index maps to a block: ``"repeng"`` (``direction.{i}`` = block ``i``: repeng, icon2_lens)
@@ -51,6 +58,8 @@ ARCH = "controlvector"
 IndexBase = Literal["repeng", "cvector-generator"]
 INDEX_BASES: tuple[str, ...] = ("repeng", "cvector-generator", "auto")
 _NAME = re.compile(r"direction\.(-?\d+)")
+#: The optional extra that installs llama-cpp-python (compiles llama.cpp: about 5 minutes on 2 cores).
+EXTRA = "llama-cpp"
 _TODO = "Export it again (`icon2-lens export`) or pass a llama.cpp control-vector GGUF."
 
 
@@ -249,8 +258,10 @@ def read_control_vector(path: str | os.PathLike[str], *, n_layers: int | None = 
 
 
 def llama_cpp_command(path: str | os.PathLike[str], *, layers: Sequence[int], gamma: float | None = None,
-                      baked: bool = False, model: str = "MODEL.gguf") -> str:
-    """The ``llama-cli`` command line that applies the exported file at ``layers``.
+                      baked: bool = False, model: str = "MODEL.gguf", program: str = "llama-cli",
+                      args: Sequence[str] = ()) -> str:
+    """The llama.cpp command line (``program``: ``llama-cli``, ``llama-completion``, ``llama-server``) that
+    applies the exported file at ``layers``; ``args`` are appended, shell-quoted.
 
     A file written without gamma (``DirectionSet.export_gguf(..., gamma=None)``: gamma 1, the scale factors
     baked in) is applied with ``--control-vector-scaled PATH:GAMMA``, which adds what ``steer(..., gamma=GAMMA)``
@@ -265,6 +276,8 @@ def llama_cpp_command(path: str | os.PathLike[str], *, layers: Sequence[int], ga
         'llama-cli -m MODEL.gguf --control-vector-scaled h.gguf:GAMMA --control-vector-layer-range 10 12'
         >>> llama_cpp_command("h.gguf", layers=[10, 12], baked=True)
         'llama-cli -m MODEL.gguf --control-vector h.gguf --control-vector-layer-range 10 12'
+        >>> llama_cpp_command("h.gguf", layers=[10, 12], gamma=-0.1, program="llama-completion", args=["-p", "Hi!"])
+        "llama-completion -m MODEL.gguf --control-vector-scaled h.gguf:-0.1 --control-vector-layer-range 10 12 -p 'Hi!'"
     """
     if not layers:
         raise BadInputError("No layers given for the llama.cpp command.", option="layers")
@@ -272,4 +285,120 @@ def llama_cpp_command(path: str | os.PathLike[str], *, layers: Sequence[int], ga
         vec = f"--control-vector {shlex.quote(str(path))}"
     else:
         vec = "--control-vector-scaled " + shlex.quote(f"{path}:{'GAMMA' if gamma is None else repr(float(gamma))}")
-    return f"llama-cli -m {shlex.quote(model)} {vec} --control-vector-layer-range {min(layers)} {max(layers)}"
+    cmd = f"{program} -m {shlex.quote(model)} {vec} --control-vector-layer-range {min(layers)} {max(layers)}"
+    return " ".join([cmd, *(shlex.quote(str(a)) for a in args)])
+
+
+def _llama_cpp() -> Any:
+    """The ``llama_cpp`` module, or an ImportError naming the extra that installs it."""
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise ImportError(f"This needs llama-cpp-python (the `{EXTRA}` extra): pip install 'icon2-lens[{EXTRA}]' "
+                          "(it compiles llama.cpp: about 5 minutes on 2 cores).") from exc
+    return llama_cpp
+
+
+def _cvec_data(vector: ControlVector | Mapping[int, Tensor], strength: float, n_embd: int) -> Any:
+    """llama.cpp's control-vector buffer: ``n_embd`` floats per block from block 1 to the last given block,
+    block ``il`` at row ``il - 1``, times ``strength`` (what ``common_control_vector_load`` builds)."""
+    import numpy as np
+
+    vecs = vector.as_dict() if isinstance(vector, ControlVector) else dict(vector)
+    if not vecs:
+        raise BadInputError("The control vector has no layers.", option="vector")
+    data = np.zeros((max(int(k) for k in vecs), n_embd), dtype=np.float32)
+    for layer, v in vecs.items():
+        row = v.detach().to("cpu", torch.float32).reshape(-1).numpy()
+        if int(layer) < 1:
+            raise BadInputError(f"Block {layer} cannot take a control vector in llama.cpp (blocks 1 and up).",
+                                option="vector")
+        if row.shape[0] != n_embd:
+            raise BadInputError(f"The vector of block {layer} has width {row.shape[0]}, the model {n_embd}: "
+                                "was it exported from another model?", option="vector")
+        data[int(layer) - 1] = row * float(strength)
+    return np.ascontiguousarray(data.reshape(-1))
+
+
+@contextmanager
+def control_vector(llm: Any, vector: ControlVector | Mapping[int, Tensor] | str | os.PathLike[str], *,
+                   strength: float = 1.0, layer_range: tuple[int, int] | None = None) -> Iterator[Any]:
+    """Steer a llama-cpp-python ``Llama`` with a control vector while active (cleared on exit, also on error).
+
+    The same as llama.cpp's ``--control-vector-scaled FILE:STRENGTH --control-vector-layer-range A B``: the file's
+    ``direction.{il}`` times ``strength`` is added to the output of block ``il`` (for ``A <= il <= B``) at every
+    position, through ``llama_set_adapter_cvec``. A file exported with ``gamma=None`` and applied with
+    ``strength=GAMMA`` adds what ``icon2_lens.steer(model, dirs, criterion, GAMMA, layers=..., scale=...)`` adds.
+
+    The ``Llama``'s state is reset on entry and exit (``llm.reset()``): llama-cpp-python reuses the key/value
+    cache of a matching prompt prefix, which would have been computed with another vector. One vector at a time:
+    a second ``control_vector`` on the same ``Llama`` inside the first is refused (add the vectors instead).
+
+    Args:
+        llm: a ``llama_cpp.Llama`` of the model the vector was exported from (any ``logits_all``).
+        vector: a control-vector GGUF path, a `ControlVector` (`read_control_vector`) or ``{block: [d_model]}``.
+        strength: the multiplier (llama.cpp's ``SCALE``; the gamma of a file exported with ``gamma=None``).
+        layer_range: ``(A, B)``, inclusive; default: the smallest and largest block of the vector.
+
+    Yields:
+        ``llm``.
+
+    Raises:
+        ImportError: llama-cpp-python is not installed (the ``llama-cpp`` extra).
+        BadInputError: a width other than the model's, a block outside ``1..n_layer - 1``.
+        BadFileError: the file cannot be read as a control vector.
+
+    Examples:
+        >>> from llama_cpp import Llama  # doctest: +SKIP
+        >>> llm = Llama("SmolLM2-135M-Instruct.Q4_1.gguf", n_ctx=2048, verbose=False)  # doctest: +SKIP
+        >>> with control_vector(llm, "helpful.gguf", strength=0.1):  # doctest: +SKIP
+        ...     text = llm(prompt, max_tokens=40, temperature=0.0)["choices"][0]["text"]
+    """
+    lib = _llama_cpp()
+    n_embd, n_layer = int(llm.n_embd()), int(lib.llama_model_n_layer(llm.model))
+    if isinstance(vector, (str, os.PathLike)):
+        vector = read_control_vector(vector, n_layers=n_layer)
+    vecs = vector.as_dict() if isinstance(vector, ControlVector) else dict(vector)
+    if vecs and max(int(k) for k in vecs) >= n_layer:
+        raise BadInputError(f"The control vector names block {max(int(k) for k in vecs)}; the model has blocks "
+                            f"0..{n_layer - 1}.", option="vector")
+    data = _cvec_data(vecs, strength, n_embd)
+    start, end = layer_range if layer_range is not None else (min(int(k) for k in vecs), max(int(k) for k in vecs))
+    if getattr(llm, "_icon2_lens_cvec", False):
+        raise RuntimeError("A control vector is already active on this Llama; add the vectors into one instead.")
+    import ctypes
+
+    rc = lib.llama_set_adapter_cvec(llm.ctx, data.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), data.size,
+                                    n_embd, int(start), int(end))
+    if rc != 0:
+        raise RuntimeError(f"llama_set_adapter_cvec returned {rc} (blocks {start}..{end}, width {n_embd}).")
+    llm._icon2_lens_cvec = True
+    llm.reset()
+    try:
+        yield llm
+    finally:
+        lib.llama_set_adapter_cvec(llm.ctx, None, 0, n_embd, 0, 0)
+        llm._icon2_lens_cvec = False
+        llm.reset()
+
+
+def last_token_logits(llm: Any, tokens: Sequence[int]) -> Float[Tensor, " vocab"]:
+    """The next-token logits after ``tokens`` (float32, CPU), evaluated from a fresh state in a ``Llama``.
+
+    Reads ``llama_get_logits_ith(ctx, -1)`` right after the evaluation, so it works whatever ``logits_all``
+    is (``Llama.scores`` is filled only with ``logits_all=True``: reading it otherwise gives stale rows).
+
+    Examples:
+        >>> ids = llm.tokenize(text.encode(), add_bos=False, special=True)  # doctest: +SKIP
+        >>> with control_vector(llm, "helpful.gguf", strength=0.1):  # doctest: +SKIP
+        ...     steered = last_token_logits(llm, ids)
+    """
+    import numpy as np
+
+    lib = _llama_cpp()
+    if not tokens:
+        raise BadInputError("No tokens to evaluate.", option="tokens")
+    llm.reset()
+    llm.eval(list(tokens))
+    ptr = lib.llama_get_logits_ith(llm.ctx, -1)
+    return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(int(llm.n_vocab()),)).astype(np.float32))
