@@ -11,7 +11,7 @@ one line, the rows already written intact (valid JSONL, no torn line, no duplica
 all-at-once stage untouched, and for ``generate`` a rerun of the same command resumes to the same pairs as an
 uninterrupted run.
 
-``python tests/tiny/test_bad_input_matrix.py`` prints the table as Markdown (docs/bad-input.md is made with it).
+``python benchmarks/bad_input_table.py`` runs the same cases and writes the table to docs/bad-input.md.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Any
 import pytest
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # conftest's model builders, also when run as a script
+sys.path.insert(0, str(HERE.parent))  # conftest's model builders, also when imported by benchmarks/bad_input_table.py
 
 from conftest import INSTRUCTIONS, build_model_folder  # noqa: E402
 
@@ -647,8 +647,9 @@ def interrupt(argv: list[str], out: Path, rows_file: str | None, marker: Path, *
               ) -> tuple[int, str]:
     """Start the CLI, wait until its first rows are on disk (or its first forward pass), send SIGINT."""
     env = {**_env(), "BIM_MARKER": str(marker)}
+    # SIGINT back to its default in the child: a shell's background job (pytest run with &) inherits it ignored
     proc = subprocess.Popen([sys.executable, "-c", _WRAPPER, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env)
+                            env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 180
 
     def started() -> bool:
@@ -738,18 +739,8 @@ def markdown_table(root: Path) -> str:
             exc = run_api(case, c, made)
             intact_api = snapshot(tmp, w.root) == before
         line = error_line(err) or err.strip().replace("\n", " / ")
-        line = line.replace(str(root) + "/", "").replace("|", "\\|")
+        line = line.replace(str(tmp) + "/", "").replace(str(root) + "/", "").replace("|", "\\|")
         kind = type(exc).__name__ if exc is not None else "nothing"
         intact = "yes" if intact_cli and intact_api else f"NO (cli {intact_cli}, api {intact_api})"
-        rows.append(f"| {i} | {case.wrong} | `{line}` | {rc} | `{kind}` | {intact} |")
+        rows.append(f"| {i} | {case.wrong} | `` {line} `` | {rc} | `{kind}` | {intact} |")
     return "\n".join(rows) + "\n"
-
-
-if __name__ == "__main__":  # python tests/tiny/test_bad_input_matrix.py > table.md
-    import tempfile
-
-    import torch
-
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory(prefix="bad-input-") as d:
-        print(markdown_table(Path(d)), end="")
