@@ -29,7 +29,7 @@ LAYERS = list(range(15, 25))
 CONDITIONS = [("contrast", 1.0), ("relative", 0.1)]
 #: Minimum Pearson correlation of the last-token logit change, llama.cpp vs HF, per prompt. Measured with
 #: 8 held-out prompts (benchmarks/results/llama_cpp.json, direction from 32 instructions): contrast +/-1
-#: 0.856-0.927, relative +/-0.1 0.997-0.999.
+#: 0.856-0.927, relative +/-0.1 0.997-0.999 (unit +/-4: 0.978-0.990).
 MIN_CORR = {"contrast": 0.75, "relative": 0.97}
 
 
@@ -99,8 +99,14 @@ def test_exported_vector_moves_llama_cpp_logits_like_hf(smol, llm, dirs, prompts
         figures.append((corr, opposite))
         # (a) the same vector moves the logits the same way in both engines
         assert min(corr.values()) >= MIN_CORR[scale], (scale, gamma, i, corr)
-        # (b) +gamma and -gamma push opposite ways, in both engines
-        assert max(opposite.values()) < 0, (scale, gamma, i, opposite)
+        if scale == "contrast":
+            # (b) +gamma and -gamma push opposite ways, in both engines (benchmark: llama.cpp -0.56 to -0.77 over
+            # 8 prompts, HF -0.98 to -0.99; llama.cpp adds a change of either sign that the HF path has not)
+            assert max(opposite.values()) < 0, (scale, gamma, i, opposite)
+        else:
+            # At relative +/-0.1 both signs break the text and their changes are nearly uncorrelated (benchmark:
+            # -0.24 to +0.03) in both engines alike: within 0.01 of each other per prompt in the benchmark.
+            assert abs(opposite["llama.cpp"] - opposite["hf"]) < 0.05, (scale, gamma, i, opposite)
     print(f"\n{scale} +/-{gamma}: {figures}")
 
 
