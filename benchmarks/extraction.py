@@ -13,6 +13,10 @@ prompts) on the embedded model ``il.load_model()``. It prints and writes (``--js
    ``ControlVector.train`` on the same prompt strings. Goal <= 1.0.
 3. peak RSS increase of an extraction on 4x the instructions / on 1x, each measured in a fresh
    subprocess (``--memory-child N``). Goal <= 1.2.
+4. ``--synthetic`` (no model, issue 14): peak RSS increase of streaming random activations of a
+   Llama-3-8B shape (L 32, d 4096, n 1,024 pairs, 4 criteria) through the contrast accumulators and
+   finishing the directions / the bytes of the pair differences themselves. Goal <= 2. The Gram
+   form is computed at that shape and measured beside the rows form at a smaller one.
 
 The figures are ratios measured side by side in one process; absolute seconds depend on the machine.
 
@@ -24,6 +28,7 @@ Run::
 
     python benchmarks/extraction.py                     # full default (a few minutes on 2 CPU cores)
     python benchmarks/extraction.py --n 4 --repeats 1   # smoke test
+    python benchmarks/extraction.py --synthetic         # accumulator memory, no model (several minutes)
 """
 
 from __future__ import annotations
@@ -181,6 +186,145 @@ def measure_memory(n: int, batch_size: int, method: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# synthetic accumulator memory (issue 14 item 4): no model, random activations at a given shape
+# ---------------------------------------------------------------------------------------------
+SYNTHETIC_GOAL = 2.0  # peak RSS increase / bytes of the pair differences themselves (n x L x d float32 x criteria)
+DEFAULT_SYNTHETIC_JSON = Path(__file__).resolve().parent / "results" / "extraction_synthetic.json"
+
+
+def synthetic_child(storage: str, n_layers: int, d_model: int, n: int, n_criteria: int, batch: int, method: str,
+                    save: str | None) -> None:
+    """Stream random pairs through one accumulator per criterion, finish the directions, report peak RSS (JSON)."""
+    from icon2_lens.math.contrast import ContrastAccumulator, finish_directions
+
+    gen = torch.Generator().manual_seed(0)
+    planted = torch.nn.functional.normalize(torch.randn(n_criteria, n_layers, d_model, generator=gen), dim=-1)
+    out: dict[str, Any] = {}
+
+    def work() -> None:
+        accs = [ContrastAccumulator(n_layers, d_model, capacity=n, storage=storage) for _ in range(n_criteria)]
+        t0 = time.perf_counter()
+        for s in range(0, n, batch):  # every batch goes to every criterion, so all four grow together
+            b = min(batch, n - s)
+            for c, acc in enumerate(accs):
+                neg = torch.randn(b, n_layers, d_model, generator=gen)
+                pos = neg + (2 + torch.rand(b, 1, 1, generator=gen)) * planted[c] \
+                    + 0.5 * torch.randn(b, n_layers, d_model, generator=gen)
+                acc.update(pos, neg)
+                del pos, neg
+        out["stream_seconds"] = time.perf_counter() - t0
+        out["forms"] = [a.form for a in accs]
+        out["state_bytes"] = sum(a.nbytes() for a in accs)
+        t0 = time.perf_counter()
+        vecs, _ = finish_directions(accs, method)
+        out["finish_seconds"] = time.perf_counter() - t0
+        out["planted_cos_min"] = float((vecs * planted).sum(-1).abs().min())
+        if save:
+            torch.save(vecs, save)
+
+    res = peak_rss_of(work)
+    print("MEMORY_RESULT " + json.dumps({**res, **out}), flush=True)
+
+
+def _synthetic_run(storage: str, n_layers: int, d_model: int, n: int, n_criteria: int, batch: int, method: str,
+                   save: Path | None) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--synthetic-child", storage,
+           "--synthetic-layers", str(n_layers), "--synthetic-d", str(d_model), "--synthetic-n", str(n),
+           "--synthetic-criteria", str(n_criteria), "--synthetic-batch", str(batch), "--method", method]
+    if save is not None:
+        cmd += ["--synthetic-save", str(save)]
+    print(f"  running storage={storage} L={n_layers} d={d_model} n={n} in a fresh subprocess ...", flush=True)
+    res = run_child(cmd)
+    diffs = n * n_layers * d_model * 4 * n_criteria
+    res.update({"storage": storage, "n_layers": n_layers, "d_model": d_model, "n": n, "criteria": n_criteria,
+                "differences_bytes": diffs, "peak_over_differences": res["peak_delta"] / diffs,
+                "state_over_differences": res["state_bytes"] / diffs, "measured": True})
+    return res
+
+
+def run_synthetic(args: argparse.Namespace) -> int:
+    """The ``--synthetic`` benchmark: accumulator memory at a large shape against the differences themselves."""
+    import tempfile
+
+    from icon2_lens.hardware import cpu_name
+
+    L, d, n, C, B = (args.synthetic_layers, args.synthetic_d, args.synthetic_n, args.synthetic_criteria,
+                     args.synthetic_batch)
+    yL, yd = args.yardstick_layers, args.yardstick_d
+    mib = 1024 ** 2
+    print(f"synthetic accumulator memory (random activations, no model): L={L} d={d} n={n} pairs, {C} criteria, "
+          f"batch {B} pairs, method {args.method}", flush=True)
+    print(f"CPU: {cpu_name()}; torch threads {torch.get_num_threads()}; load avg {os.getloadavg()}", flush=True)
+    t_start = time.perf_counter()
+    runs = [_synthetic_run("auto", L, d, n, C, B, args.method, None)]
+    diffs_full = n * L * d * 4 * C
+    gram_full_state = C * (2 * L * d * d * 4 + 2 * L * d * 8 + 2 * L * 8)  # two float32 Grams + float64 sums
+    computed = {"storage": "gram", "n_layers": L, "d_model": d, "n": n, "criteria": C, "measured": False,
+                "state_bytes": gram_full_state, "state_over_differences": gram_full_state / diffs_full,
+                "differences_bytes": diffs_full}
+    cos_min = None
+    if not args.skip_yardstick:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows_y = _synthetic_run("rows", yL, yd, n, C, B, args.method, Path(tmp) / "rows.pt")
+            gram_y = _synthetic_run("gram", yL, yd, n, C, B, args.method, Path(tmp) / "gram.pt")
+            a, b = torch.load(Path(tmp) / "rows.pt"), torch.load(Path(tmp) / "gram.pt")
+            cos_min = float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min())
+        runs += [rows_y, gram_y]
+    total = time.perf_counter() - t_start
+
+    print()
+    print(f"{'storage':<8s} {'shape':<14s} {'form':<5s} {'state MiB':>10s} {'x diffs':>8s} {'peak RSS +MiB':>14s} "
+          f"{'x diffs':>8s} {'seconds':>8s}  how")
+    print("-" * 96)
+    for r in runs:
+        form = r["forms"][0]
+        print(f"{r['storage']:<8s} L{r['n_layers']} d{r['d_model']:<7d} {form:<5s} {r['state_bytes'] / mib:10.1f} "
+              f"{r['state_over_differences']:8.3f} {r['peak_delta'] / mib:14.1f} {r['peak_over_differences']:8.3f} "
+              f"{r['seconds']:8.1f}  measured (fresh subprocess, RSS sampled every 5 ms)")
+    print(f"{'gram':<8s} L{L} d{d:<7d} {'gram':<5s} {gram_full_state / mib:10.1f} "
+          f"{computed['state_over_differences']:8.3f} {'-':>14s} {'-':>8s} {'-':>8s}  computed (2 x L x d^2 float32 "
+          f"+ sums, x {C}), not run at this shape")
+    print(f"\ndifferences themselves at L={L} d={d}: n x L x d x 4 B x {C} criteria = {diffs_full / mib:.1f} MiB")
+    if cos_min is not None:
+        print(f"rows vs gram directions at the yardstick shape L={yL} d={yd}: min cosine {cos_min:.7f}")
+    main_run = runs[0]
+    ok = main_run["peak_over_differences"] <= SYNTHETIC_GOAL
+    print(f"\n{'ratio':<64s} {'value':>7s} {'goal':>7s}  met")
+    print("-" * 84)
+    label = f"peak RSS increase / differences (storage auto, L{L} d{d} n{n})"
+    print(f"{label:<64s} "
+          f"{main_run['peak_over_differences']:7.3f} {'<= ' + str(SYNTHETIC_GOAL):>7s}  {'yes' if ok else 'NO'}")
+    print(f"{'   accumulator state / differences [transparency]':<64s} {main_run['state_over_differences']:7.3f}")
+    print(f"{'   gram state / differences, computed [yardstick]':<64s} {computed['state_over_differences']:7.3f}")
+    print(f"\ntotal {total:.0f} s; load avg at end {os.getloadavg()}")
+    result = {
+        "benchmark": "extraction_synthetic",
+        "config": {"n_layers": L, "d_model": d, "n_pairs": n, "criteria": C, "batch_pairs": B, "method": args.method,
+                   "yardstick_layers": yL, "yardstick_d": yd},
+        "ratios": [{"ratio": "peak RSS increase / differences (storage auto)",
+                    "value": main_run["peak_over_differences"], "goal": SYNTHETIC_GOAL, "met": ok},
+                   {"ratio": "accumulator state / differences", "value": main_run["state_over_differences"],
+                    "goal": None, "met": None},
+                   {"ratio": "gram state / differences (computed)", "value": computed["state_over_differences"],
+                    "goal": None, "met": None}],
+        "runs": runs,
+        "gram_full_shape_computed": computed,
+        "rows_vs_gram_min_cosine_at_yardstick": cos_min,
+        "notes": [
+            "Random activations (a planted direction per criterion plus noise), no model: only the accumulators.",
+            "Each run in a fresh subprocess; peak RSS increase over the RSS after imports, before any allocation, "
+            "sampled every 5 ms; includes the random batches and the finishing (directions and statistics).",
+            f"The Gram form at L={L} d={d} ({gram_full_state / 2**30:.1f} GiB for {C} criteria) is computed, not run; "
+            f"both forms are measured side by side at the yardstick shape L={yL} d={yd}.",
+        ],
+        "environment": {**environment(("icon2-lens", "torch")), "cpu": cpu_name(), "load_avg_end": os.getloadavg()},
+        "total_seconds": total,
+    }
+    write_result(args.synthetic_json, result)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -204,11 +348,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--skip-peers", action="store_true", help="skip steering-vectors and repeng")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"result file (default {DEFAULT_JSON})")
     ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--synthetic", action="store_true",
+                    help="only the synthetic accumulator-memory run (random activations, no model)")
+    ap.add_argument("--synthetic-layers", type=int, default=32, help="synthetic: layers (default 32)")
+    ap.add_argument("--synthetic-d", type=int, default=4096, help="synthetic: d_model (default 4096)")
+    ap.add_argument("--synthetic-n", type=int, default=1024, help="synthetic: pairs per criterion (default 1024)")
+    ap.add_argument("--synthetic-criteria", type=int, default=4, help="synthetic: criteria (default 4)")
+    ap.add_argument("--synthetic-batch", type=int, default=16, help="synthetic: pairs per update (default 16)")
+    ap.add_argument("--yardstick-layers", type=int, default=8, help="synthetic: layers of the rows-vs-gram run (8)")
+    ap.add_argument("--yardstick-d", type=int, default=2048, help="synthetic: d_model of the rows-vs-gram run (2048)")
+    ap.add_argument("--skip-yardstick", action="store_true", help="synthetic: skip the rows-vs-gram run")
+    ap.add_argument("--synthetic-json", type=Path, default=DEFAULT_SYNTHETIC_JSON,
+                    help=f"synthetic result file (default {DEFAULT_SYNTHETIC_JSON})")
+    ap.add_argument("--synthetic-child", choices=["auto", "rows", "gram"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--synthetic-save", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.memory_child is not None:
         memory_child(args.memory_child, args.batch_size, args.method)
         return 0
+    if args.synthetic_child is not None:
+        synthetic_child(args.synthetic_child, args.synthetic_layers, args.synthetic_d, args.synthetic_n,
+                        args.synthetic_criteria, args.synthetic_batch, args.method, args.synthetic_save)
+        return 0
+    if args.synthetic:
+        return run_synthetic(args)
 
     t_start = time.perf_counter()
     load_at_start = os.getloadavg()

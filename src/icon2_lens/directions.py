@@ -28,15 +28,17 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .activations import HookKind, LastTokenReader, tokenize_texts
+from .activations import HookKind, tokenize_texts
 from .criteria import Criterion, resolve_criteria
 from .errors import BadFileError, BadInputError, read_json, reading
+from .gen.prefix import PrefixReader, last_token_reader
 from .instructions import load_instructions
 from .llama_cpp import model_hint, write_control_vector
 from .math.contrast import (
-    STAT_NAMES,  # noqa: F401 (re-exported: icon2_lens.directions.STAT_NAMES)
+    STAT_NAMES,  # also re-exported: icon2_lens.directions.STAT_NAMES
     ContrastAccumulator,
     Method,
+    Storage,
     cosine_per_layer,
     directions_from_activations,
     finish_directions,
@@ -498,12 +500,22 @@ def accumulate_contrasts(
     batch_size: int = 32,
     groups: Sequence[int] | None = None,
     progress: bool = True,
+    storage: Storage = "auto",
+    reuse_prefix: bool = True,
 ) -> tuple[list[int], list[list[ContrastAccumulator]]]:
     """Read all contrast pairs and accumulate them per group and criterion.
 
     Args:
         groups: group id of each instruction (default: all in group 0); used for split-half stability.
         batch_size: prompts per forward pass (half positive, half negative).
+        storage: how each accumulator keeps its pairs (see `icon2_lens.math.Storage`): ``"auto"``
+            keeps the rows when a group has fewer instructions than ``d_model`` (memory twice that of
+            the differences), else the ``d_model x d_model`` second moments; ``"gram"`` or ``"rows"``
+            force one form (the directions agree to float32 rounding).
+        reuse_prefix: compute each batch's shared system-prompt prefix once and reuse its KV cache for every
+            instruction (`icon2_lens.gen.prefix.PrefixReader`: HF fast path; positive and negative prompts then
+            run as two passes); ``False`` reads full prompts through the bridge's hook points. Both give the
+            same residuals within float tolerance; ``resid_mid`` always uses the bridge.
 
     Returns:
         ``(layers, accumulators)`` with ``accumulators[group][criterion]``.
@@ -518,15 +530,19 @@ def accumulate_contrasts(
     if len(group_of) != len(instructions):
         raise ValueError("groups must give one group id per instruction.")
     n_groups = max(group_of) + 1
-    reader = LastTokenReader(model, hook=hook, layers=layers)
-    accs = [[ContrastAccumulator(len(reader.layers), model.d_model) for _ in criteria] for _ in range(n_groups)]
+    reader = last_token_reader(model, hook=hook, layers=layers, reuse_prefix=reuse_prefix)
+    accs = [[ContrastAccumulator(len(reader.layers), model.d_model, capacity=group_of.count(g), storage=storage)
+             for _ in criteria] for g in range(n_groups)]
     plan = [(ci, b) for ci, c in enumerate(criteria)
             for b in _contrast_batches(model, c, instructions, max(1, batch_size // 2))]
     total = 2 * len(criteria) * len(instructions)
     with reader, tqdm(total=total, desc="extracting directions", unit="prompt", disable=not progress) as bar:
         for ci, (idx, pos_ids, neg_ids) in plan:
-            h = reader.read(pos_ids + neg_ids)
-            hp, hn = h[: len(idx)], h[len(idx):]
+            if isinstance(reader, PrefixReader):  # one shared prefix per pass
+                hp, hn = reader.read(pos_ids), reader.read(neg_ids)
+            else:
+                h = reader.read(pos_ids + neg_ids)
+                hp, hn = h[: len(idx)], h[len(idx):]
             gids = torch.tensor([group_of[i] for i in idx])
             for g in range(n_groups):
                 sel = (gids == g).nonzero().flatten()
@@ -548,6 +564,8 @@ def extract_directions(
     stability: bool = ExtractConfig.stability,
     seed: int = 0,
     progress: bool = True,
+    storage: Storage = "auto",
+    reuse_prefix: bool = True,
 ) -> DirectionSet:
     """Extract one direction per criterion and layer from the model's own residual stream.
 
@@ -571,6 +589,14 @@ def extract_directions(
             layer and twice the accumulator memory, no extra forward passes.
         seed: seed of the split for ``stability``.
         progress: show a progress bar.
+        storage: memory form of the contrast accumulators: ``"auto"`` (default) keeps the pairs'
+            rows when there are fewer instructions than ``d_model`` (memory per criterion about twice
+            that of the differences, ``2 x n x layers x d_model`` floats), else the
+            ``2 x layers x d_model^2`` second moments; ``"rows"`` / ``"gram"`` force one (same
+            directions to float32 rounding). Not part of `ExtractConfig`: it changes memory, not results.
+        reuse_prefix: compute each criterion's system-prompt prefix once per batch and reuse its KV cache for
+            every instruction (default; see `accumulate_contrasts`). Not part of `ExtractConfig` either: it
+            changes speed, not results (residuals equal the full forward within float tolerance).
 
     Returns:
         A `DirectionSet` with unit vectors ``[criterion, layer, d_model]``.
@@ -585,13 +611,20 @@ def extract_directions(
     instr = load_instructions(instructions)
     groups = split_halves(len(instr), seed=seed) if stability else None
     layer_list, accs = accumulate_contrasts(
-        model, crits, instr, hook=hook, layers=layers, batch_size=batch_size, groups=groups, progress=progress
+        model, crits, instr, hook=hook, layers=layers, batch_size=batch_size, groups=groups, progress=progress,
+        storage=storage, reuse_prefix=reuse_prefix,
     )
     if stability:
-        va, _ = finish_directions(accs[0], method)
-        vb, _ = finish_directions(accs[1], method)
-        vecs, stats = finish_directions([a.merge(b) for a, b in zip(accs[0], accs[1], strict=True)], method)
-        stats["stability"] = torch.stack([cosine_per_layer(va[c], vb[c]) for c in range(len(crits))])
+        # one criterion at a time, so at most one merged accumulator exists besides the halves
+        per, stab = [], []
+        for c in range(len(crits)):
+            va, _ = accs[0][c].directions(method)
+            vb, _ = accs[1][c].directions(method)
+            stab.append(cosine_per_layer(va, vb))
+            per.append(accs[0][c].merge(accs[1][c]).directions(method))
+        vecs = torch.stack([p[0] for p in per])
+        stats = {k: torch.stack([p[1][k] for p in per]) for k in STAT_NAMES}
+        stats["stability"] = torch.stack(stab)
     else:
         vecs, stats = finish_directions(accs[0], method)
     meta = {

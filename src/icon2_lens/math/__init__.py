@@ -31,6 +31,7 @@ from .contrast import (
     ContrastAccumulator,
     DirectionMethod,
     Method,
+    Storage,
     cosine_per_layer,
     directions_from_activations,
     finish_directions,
@@ -72,9 +73,9 @@ __all__ = [
     # bootstrap
     "DEFAULT_LEVEL", "DEFAULT_N_BOOT", "Interval", "bootstrap_mean", "paired_difference",
     # contrast
-    "ContrastAccumulator", "DirectionMethod", "DIRECTION_METHODS", "Method", "STAT_NAMES", "cosine_per_layer",
-    "directions_from_activations", "finish_directions", "get_direction_method", "register_direction_method",
-    "split_halves",
+    "ContrastAccumulator", "DirectionMethod", "DIRECTION_METHODS", "Method", "Storage", "STAT_NAMES",
+    "cosine_per_layer", "directions_from_activations", "finish_directions", "get_direction_method",
+    "register_direction_method", "split_halves",
     # probe
     "assign_criteria", "consistency_scores", "orthogonalize_criteria", "probe_scores", "project", "project_criterion",
     # selection
