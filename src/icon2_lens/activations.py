@@ -41,7 +41,7 @@ from .errors import BadInputError
 from .models import LoadedModel
 
 __all__ = ["HookKind", "LastTokenReader", "hook_names", "hook_kind", "left_pad", "read_last_token", "tokenize_texts",
-           "resolve_layers", "context_length", "check_fits", "check_context"]
+           "resolve_layers", "context_length", "check_fits", "check_context", "check_activations"]
 
 #: Residual-stream hook points (TransformerLens names, ``blocks.{l}.hook_<kind>``).
 HookKind = Literal["resid_pre", "resid_mid", "resid_post"]
@@ -200,6 +200,29 @@ def left_pad(
     return input_ids, mask
 
 
+def check_activations(h: Float[Tensor, "batch layer d_model"], layers: Sequence[int], *,
+                      model_id: str = "the model") -> Float[Tensor, "batch layer d_model"]:
+    """Refuse residuals with NaN or infinite values (a float16 overflow, broken weights), naming the first layer.
+
+    Examples:
+        >>> check_activations(torch.zeros(2, 1, 4), [0]).shape
+        torch.Size([2, 1, 4])
+        >>> try:
+        ...     check_activations(torch.full((1, 1, 2), float("nan")), [3], model_id="tiny")
+        ... except BadInputError as e:
+        ...     print(str(e)[:56])
+        tiny produced NaN or infinite activations at layer 3 for
+    """
+    bad = ~torch.isfinite(h)
+    if bool(bad.any()):
+        rows, cols = bad.any(-1).nonzero(as_tuple=True)
+        raise BadInputError(
+            f"{model_id} produced NaN or infinite activations at layer {layers[int(cols[0])]} for "
+            f"{int(rows.unique().numel())} of {h.shape[0]} prompts of a batch (usually a float16 overflow); load the "
+            "model in float32 or bfloat16 (CLI: --dtype float32) and run again; nothing was written.", option="dtype")
+    return h
+
+
 class LastTokenReader:
     """Reads the last-token residual at fixed hook points, one batch at a time.
 
@@ -261,7 +284,7 @@ class LastTokenReader:
         except _StopForward:
             pass
         out, self._buf = self._buf, None
-        return out
+        return check_activations(out, self.layers, model_id=self.model.info.model_id)
 
 
 def read_last_token(

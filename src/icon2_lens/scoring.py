@@ -30,10 +30,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from .activations import LastTokenReader, check_context, tokenize_texts
+from .activations import check_context, tokenize_texts
 from .directions import DirectionSet
 from .errors import BadInputError, check_finite
 from .gen.base import check_count
+from .gen.prefix import last_token_reader
 from .instructions import load_instructions
 from .math.probe import assign_criteria, consistency_scores, probe_scores, project
 from .math.selection import DEFAULT_TOP_FRACTION, select_indices
@@ -157,6 +158,7 @@ def score_instructions(
     allow_invalid: bool = ScoreConfig.allow_invalid,
     progress: bool = True,
     shard: tuple[int, int] | None = None,
+    reuse_prefix: bool = True,
 ) -> datasets.Dataset:
     """Score each instruction's inherent consistency with every criterion (Eq. 2/3).
 
@@ -183,6 +185,10 @@ def score_instructions(
             unsharded run forms (the same rows in each, so the same padding and bit-identical scores),
             for data-parallel runs (`icon2_lens.shards`). Standardisation uses the feature-set
             statistics of ``directions``, not the scored rows, so it does not depend on the shard.
+        reuse_prefix: compute the tokens every prompt of a batch starts with (the chat template's head and
+            default system prompt) once and reuse their KV cache for the batch (default;
+            `icon2_lens.gen.prefix.PrefixReader`, HF fast path); ``False`` reads full prompts through the
+            bridge's hook points. Same scores within float tolerance.
 
     Returns:
         A ``datasets.Dataset`` with ``instruction``, ``score_<criterion>`` per criterion,
@@ -219,7 +225,7 @@ def score_instructions(
     mine = (lambda b: True) if shard is None else (lambda b: b % shard[1] == shard[0])
     n_mine = sum(min(batch_size, len(instr) - b * batch_size) for b in range(-(-len(instr) // batch_size)) if mine(b))
     done: list[int] = []
-    with LastTokenReader(model, hook=directions.hook, layers=layer_ids) as reader, \
+    with last_token_reader(model, hook=directions.hook, layers=layer_ids, reuse_prefix=reuse_prefix) as reader, \
             tqdm(total=n_mine, desc="scoring", unit="instr", disable=not progress) as bar:
         for c0 in range(0, len(instr), chunk):
             first = c0 // batch_size

@@ -142,7 +142,8 @@ def test_sigint_in_the_middle_of_synthesize_then_resume(tiny_model_dir, tmp_path
            "--n", "40", "--batch-size", "2", "--max-new-tokens", "4", "--out", str(out), "--seed", "0",
            "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not inherited as ignored
     raw = out / "raw.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and (not raw.is_file() or _count_rows(raw) < 4):

@@ -3,6 +3,8 @@
     eng = il.gen.engine(model)                       # the HF fast path (shares the bridge's weights)
     eng = il.gen.engine(model, "bridge")             # TransformerLens hooks, the bridge's own loop
     rows = eng.generate(prompts, il.gen.Decoding(max_new_tokens=64), steer=spec, seed=0)
+    with il.gen.PrefixReader(model) as r:          # last-token residuals, shared prefixes computed once
+        h = r.read(token_id_lists)
 
 A new engine is one module with a class that implements `Generator` (see docs/extending.md).
 """
@@ -16,10 +18,11 @@ from .base import Decoding, Generation, Generator, Positions, Seed, SteerHook, S
 from .bridge import BridgeEngine
 from .hf import HFEngine, decoder_layers
 from .hooks import PositionTracker, SteerAdder
+from .prefix import PrefixReader, common_prefix_length, last_token_reader
 
 __all__ = ["BridgeEngine", "Decoding", "EngineKind", "Generation", "Generator", "HFEngine", "PositionTracker",
-           "Positions", "Seed", "SteerAdder", "SteerHook", "SteerSpec", "decoder_layers", "engine", "hf_model",
-           "row_seed", "stop_ids"]
+           "Positions", "PrefixReader", "Seed", "SteerAdder", "SteerHook", "SteerSpec", "common_prefix_length",
+           "decoder_layers", "engine", "hf_model", "last_token_reader", "row_seed", "stop_ids"]
 
 #: The built-in engines: ``"hf"`` (fast, default) and ``"bridge"`` (TransformerLens hooks).
 EngineKind = Literal["hf", "bridge"]
