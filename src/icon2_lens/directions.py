@@ -462,7 +462,8 @@ def steering_vectors(
     out = {}
     for layer in layers:
         if layer not in directions.layers:
-            raise ValueError(f"Layer {layer} is not in the directions (which have {list(directions.layers)}).")
+            raise ValueError(f"Layer {layer} is not in the directions (which have {list(directions.layers)}); pass "
+                             "layers from these (CLI: --layers), or extract the directions at that layer.")
         li = directions.layers.index(layer)
         u = directions.vectors[idx_t, li]  # [rows, d]
         if scale == "unit":

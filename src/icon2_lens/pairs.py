@@ -117,7 +117,8 @@ def _table_rows(table: Any, criterion: str | None, directions: DirectionSet) -> 
         if c is None:
             raise ValueError("The table has no 'criterion' column; pass criterion='...' to steer every row along one.")
         if c not in directions.criteria:
-            raise ValueError(f"Criterion {c!r} is not in the directions (which have {directions.criteria}).")
+            raise ValueError(f"Criterion {c!r} is not in the directions (which have {directions.criteria}); use one "
+                             "of these, or extract directions for it (icon2-lens extract --criteria).")
         r["criterion"] = c
     return rows
 

@@ -140,7 +140,8 @@ def scoring_layers(directions: DirectionSet, layers: Literal["all", "suggested"]
     out = list(layers)
     missing = [x for x in out if x not in directions.layers]
     if not out or missing:
-        raise ValueError(f"Layers {missing or out} are not in the directions (which have {list(directions.layers)}).")
+        raise ValueError(f"Layers {missing or out} are not in the directions (which have {list(directions.layers)}); "
+                         "pass layers from these (CLI: --layers), or 'all' or 'suggested'.")
     return out
 
 

@@ -293,7 +293,7 @@ CASES: list[Case] = [
          argv=lambda c, m: _generate(c, "--layers", "99"), earlier="generate",
          api=lambda c, m: _il().generate_pairs(c.w.model, _il().DirectionSet.load(c.w.dirs), str(c.w.table),
                                                layers=[99], out=c.out, progress=False),
-         exc=ValueError, says=lambda c, m: ["99", "which have [0, 1, 2, 3]"]),
+         exc=ValueError, says=lambda c, m: ["99", "which have [0, 1, 2, 3]", "--layers"]),
     Case("empty-criterion", "an empty criterion name in a list (helpful,,honest)",
          argv=lambda c, m: _extract(c, criteria="helpful,,honest"),
          api=lambda c, m: _il().extract_directions(c.w.model, "helpful,,honest", INSTRUCTIONS[:2], progress=False),
