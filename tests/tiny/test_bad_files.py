@@ -26,6 +26,8 @@ from icon2_lens.models import check_chat_template, read_chat_template
 from icon2_lens.preference import load_preference_set
 from icon2_lens.training import TrainConfig, train
 
+from conftest import write_bert_gguf
+
 # ---- helpers ---------------------------------------------------------------------------------------------
 
 
@@ -106,18 +108,7 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 def _bert_gguf(path: Path) -> Path:
     """A GGUF file of an encoder (bert), not a causal LM."""
-    gguf = pytest.importorskip("gguf")
-    import numpy as np
-
-    w = gguf.GGUFWriter(str(path), "bert")
-    w.add_block_count(1)
-    w.add_embedding_length(8)
-    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return write_bert_gguf(path)
 
 
 def test_truncated_gguf_is_named(tmp_path, cache):

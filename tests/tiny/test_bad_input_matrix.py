@@ -38,7 +38,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # conftest's model builders, also when imported by benchmarks/bad_input_table.py
 
-from conftest import INSTRUCTIONS, build_model_folder  # noqa: E402
+from conftest import INSTRUCTIONS, build_model_folder, write_bert_gguf  # noqa: E402
 
 LONG = "Tell me about " + "the sea and the sky, " * 120  # about 800 tokens: over the tiny model's 256
 
@@ -137,20 +137,7 @@ def _corrupt_model(c: Ctx) -> Path:
 
 def _bert_gguf(c: Ctx) -> Path:
     """A GGUF file of an encoder (bert), not a causal LM."""
-    import gguf
-    import numpy as np
-
-    path = c.inp / "encoder.gguf"
-    c.inp.mkdir(parents=True, exist_ok=True)
-    w = gguf.GGUFWriter(str(path), "bert")
-    w.add_block_count(1)
-    w.add_embedding_length(8)
-    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return write_bert_gguf(c.inp / "encoder.gguf")
 
 
 def _corrupt_dirs(c: Ctx) -> Path:

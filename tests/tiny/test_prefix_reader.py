@@ -150,3 +150,16 @@ def test_nan_activations_are_refused_with_what_to_do(tiny_model, chat_prompts, r
             handle.remove()
         if ctx is not None:
             ctx.__exit__(None, None, None)
+
+
+def test_no_second_copy_of_the_weights_just_to_read(tiny_model, monkeypatch):
+    import icon2_lens.gen.prefix as prefix
+
+    cached = tiny_model.engines.pop("hf", None)
+    monkeypatch.setattr(prefix, "shared_hf_model", lambda model: None)  # weights that cannot be shared
+    try:
+        assert isinstance(last_token_reader(tiny_model), LastTokenReader)
+        assert "hf" not in tiny_model.engines
+    finally:
+        if cached is not None:
+            tiny_model.engines["hf"] = cached

@@ -40,7 +40,7 @@ from torch import Tensor
 from ..activations import HookKind, LastTokenReader, check_activations, hook_kind, left_pad, resolve_layers
 from ..models import LoadedModel
 from .batching import position_ids
-from .hf import HFEngine, decoder_layers
+from .hf import HFEngine, decoder_layers, shared_hf_model
 
 __all__ = ["PrefixReader", "last_token_reader", "common_prefix_length"]
 
@@ -262,16 +262,25 @@ def _right_pad(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[Int[Tensor, "
     return out, mask
 
 
+def _shares_weights(model: LoadedModel) -> bool:
+    """Whether the HF fast path runs on the bridge's own weights (no second copy)."""
+    eng = model.engines.get("hf")
+    if eng is not None:
+        return bool(eng.shared)
+    return shared_hf_model(model) is not None
+
+
 def last_token_reader(model: LoadedModel, *, hook: HookKind | str = "resid_post",
                       layers: Sequence[int] | range | None = None,
                       reuse_prefix: bool = True) -> PrefixReader | LastTokenReader:
     """The reader for last-token residuals: `PrefixReader` (shared prefixes computed once, HF fast path) when
-    ``reuse_prefix`` and the hook is ``resid_post`` or ``resid_pre``; else the bridge's `LastTokenReader`.
+    ``reuse_prefix``, the hook is ``resid_post`` or ``resid_pre`` and the plain HF model can share the bridge's
+    weights; else the bridge's `LastTokenReader` (never a second copy of the weights just to read residuals).
 
     Examples:
         >>> with last_token_reader(model, hook="resid_post", layers=[3, 5]) as reader:  # doctest: +SKIP
         ...     h = reader.read(ids)  # [batch, 2, d_model]
     """
-    if reuse_prefix and hook_kind(hook) in ("resid_post", "resid_pre"):
+    if reuse_prefix and hook_kind(hook) in ("resid_post", "resid_pre") and _shares_weights(model):
         return PrefixReader(model, hook=hook, layers=layers)
     return LastTokenReader(model, hook=hook, layers=layers)
