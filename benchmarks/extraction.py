@@ -199,7 +199,7 @@ DEFAULT_SYNTHETIC_JSON = Path(__file__).resolve().parent / "results" / "extracti
 
 
 def synthetic_child(storage: str, n_layers: int, d_model: int, n: int, n_criteria: int, batch: int, method: str,
-                    save: str | None) -> None:
+                    save: str | None, dtype: str = "float32") -> None:
     """Stream random pairs through one accumulator per criterion, finish the directions, report peak RSS (JSON)."""
     from icon2_lens.math.contrast import ContrastAccumulator, finish_directions
 
@@ -207,8 +207,11 @@ def synthetic_child(storage: str, n_layers: int, d_model: int, n: int, n_criteri
     planted = torch.nn.functional.normalize(torch.randn(n_criteria, n_layers, d_model, generator=gen), dim=-1)
     out: dict[str, Any] = {}
 
+    act_dtype = getattr(torch, dtype)  # the dtype a model computed the activations in (bfloat16: an 8B model on GPU)
+
     def work() -> None:
-        accs = [ContrastAccumulator(n_layers, d_model, capacity=n, storage=storage) for _ in range(n_criteria)]
+        accs = [ContrastAccumulator(n_layers, d_model, capacity=n, storage=storage, rows_dtype=act_dtype)
+                for _ in range(n_criteria)]
         t0 = time.perf_counter()
         for s in range(0, n, batch):  # every batch goes to every criterion, so all four grow together
             b = min(batch, n - s)
@@ -216,6 +219,8 @@ def synthetic_child(storage: str, n_layers: int, d_model: int, n: int, n_criteri
                 neg = torch.randn(b, n_layers, d_model, generator=gen)
                 pos = neg + (2 + torch.rand(b, 1, 1, generator=gen)) * planted[c] \
                     + 0.5 * torch.randn(b, n_layers, d_model, generator=gen)
+                if act_dtype != torch.float32:  # values a 16-bit model produces (the readers pass them as float32)
+                    pos, neg = pos.to(act_dtype).float(), neg.to(act_dtype).float()
                 acc.update(pos, neg)
                 del pos, neg
         out["stream_seconds"] = time.perf_counter() - t0
@@ -233,16 +238,17 @@ def synthetic_child(storage: str, n_layers: int, d_model: int, n: int, n_criteri
 
 
 def _synthetic_run(storage: str, n_layers: int, d_model: int, n: int, n_criteria: int, batch: int, method: str,
-                   save: Path | None) -> dict:
+                   save: Path | None, dtype: str = "float32") -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--synthetic-child", storage,
            "--synthetic-layers", str(n_layers), "--synthetic-d", str(d_model), "--synthetic-n", str(n),
-           "--synthetic-criteria", str(n_criteria), "--synthetic-batch", str(batch), "--method", method]
+           "--synthetic-criteria", str(n_criteria), "--synthetic-batch", str(batch), "--method", method,
+           "--synthetic-dtype", dtype]
     if save is not None:
         cmd += ["--synthetic-save", str(save)]
     print(f"  running storage={storage} L={n_layers} d={d_model} n={n} in a fresh subprocess ...", flush=True)
     res = run_child(cmd)
     diffs = n * n_layers * d_model * 4 * n_criteria
-    res.update({"storage": storage, "n_layers": n_layers, "d_model": d_model, "n": n, "criteria": n_criteria,
+    res.update({"storage": storage, "activation_dtype": dtype, "n_layers": n_layers, "d_model": d_model, "n": n, "criteria": n_criteria,
                 "differences_bytes": diffs, "peak_over_differences": res["peak_delta"] / diffs,
                 "state_over_differences": res["state_bytes"] / diffs, "measured": True})
     return res
@@ -259,10 +265,10 @@ def run_synthetic(args: argparse.Namespace) -> int:
     yL, yd = args.yardstick_layers, args.yardstick_d
     mib = 1024 ** 2
     print(f"synthetic accumulator memory (random activations, no model): L={L} d={d} n={n} pairs, {C} criteria, "
-          f"batch {B} pairs, method {args.method}", flush=True)
+          f"batch {B} pairs, method {args.method}, activations computed in {args.synthetic_dtype}", flush=True)
     print(f"CPU: {cpu_name()}; torch threads {torch.get_num_threads()}; load avg {os.getloadavg()}", flush=True)
     t_start = time.perf_counter()
-    runs = [_synthetic_run("auto", L, d, n, C, B, args.method, None)]
+    runs = [_synthetic_run("auto", L, d, n, C, B, args.method, None, args.synthetic_dtype)]
     diffs_full = n * L * d * 4 * C
     gram_full_state = C * (2 * L * d * d * 4 + 2 * L * d * 8 + 2 * L * 8)  # two float32 Grams + float64 sums
     computed = {"storage": "gram", "n_layers": L, "d_model": d, "n": n, "criteria": C, "measured": False,
@@ -306,6 +312,7 @@ def run_synthetic(args: argparse.Namespace) -> int:
     result = {
         "benchmark": "extraction_synthetic",
         "config": {"n_layers": L, "d_model": d, "n_pairs": n, "criteria": C, "batch_pairs": B, "method": args.method,
+                   "activation_dtype": args.synthetic_dtype,
                    "yardstick_layers": yL, "yardstick_d": yd},
         "ratios": [{"ratio": "peak RSS increase / differences (storage auto)",
                     "value": main_run["peak_over_differences"], "goal": SYNTHETIC_GOAL, "met": ok},
@@ -367,6 +374,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--skip-yardstick", action="store_true", help="synthetic: skip the rows-vs-gram run")
     ap.add_argument("--synthetic-json", type=Path, default=DEFAULT_SYNTHETIC_JSON,
                     help=f"synthetic result file (default {DEFAULT_SYNTHETIC_JSON})")
+    ap.add_argument("--synthetic-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                    help="synthetic: the dtype the activations were computed in (bfloat16: an 8B model on a GPU; "
+                         "the rows form keeps the positives in it, losslessly); default float32")
     ap.add_argument("--synthetic-child", choices=["auto", "rows", "gram"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--synthetic-save", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -376,7 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.synthetic_child is not None:
         synthetic_child(args.synthetic_child, args.synthetic_layers, args.synthetic_d, args.synthetic_n,
-                        args.synthetic_criteria, args.synthetic_batch, args.method, args.synthetic_save)
+                        args.synthetic_criteria, args.synthetic_batch, args.method, args.synthetic_save,
+                        args.synthetic_dtype)
         return 0
     if args.synthetic:
         return run_synthetic(args)

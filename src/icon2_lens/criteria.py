@@ -168,7 +168,7 @@ def resolve_criteria(
         return load_criteria(criteria)
     if isinstance(criteria, str):
         given, criteria = criteria, [c.strip() for c in criteria.split(",")]
-        if given.strip() and not all(criteria):  # "helpful,,honest": a name left out, not silently skipped
+        if any(criteria) and not all(criteria):  # "helpful,,honest": a name left out, not silently skipped
             raise BadInputError(f"Criteria {given!r} hold an empty name; give comma-separated names without empty "
                                 "items, e.g. helpful,honest.", option="criteria")
         criteria = [c for c in criteria if c]

@@ -532,7 +532,11 @@ def accumulate_contrasts(
         raise ValueError("groups must give one group id per instruction.")
     n_groups = max(group_of) + 1
     reader = last_token_reader(model, hook=hook, layers=layers, reuse_prefix=reuse_prefix)
-    accs = [[ContrastAccumulator(len(reader.layers), model.d_model, capacity=group_of.count(g), storage=storage)
+    # a 16-bit model's activations are kept at their own precision (lossless; the rows then take 1.5x the differences)
+    dtype = next(model.bridge.parameters()).dtype
+    rows_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+    accs = [[ContrastAccumulator(len(reader.layers), model.d_model, capacity=group_of.count(g), storage=storage,
+                                 rows_dtype=rows_dtype)
              for _ in criteria] for g in range(n_groups)]
     plan = [(ci, b) for ci, c in enumerate(criteria)
             for b in _contrast_batches(model, c, instructions, max(1, batch_size // 2))]

@@ -40,3 +40,13 @@ def test_accumulate_contrasts_sizes_the_rows_per_group(tiny_model):
     _, accs = accumulate_contrasts(tiny_model, resolve_criteria(CRITS), INSTRUCTIONS, batch_size=4,
                                    progress=False, storage="gram")
     assert {a.form for a in accs[0]} == {"gram"}
+
+
+def test_a_bfloat16_model_keeps_its_positives_in_bfloat16(tiny_model_dir):
+    model = il.load_model(tiny_model_dir, device="cpu", dtype=torch.bfloat16)
+    _, accs = accumulate_contrasts(model, il.DEFAULT_CRITERIA[:2], INSTRUCTIONS, batch_size=4, progress=False)
+    acc = accs[0][0]
+    assert acc.form == "rows" and acc.pos_rows[0].dtype == torch.bfloat16 and acc.diff_rows[0].dtype == torch.float32
+    rows = il.extract_directions(model, ["helpful"], INSTRUCTIONS, batch_size=4, progress=False)
+    gram = il.extract_directions(model, ["helpful"], INSTRUCTIONS, batch_size=4, progress=False, storage="gram")
+    assert float((rows.vectors * gram.vectors).sum(-1).min()) >= 0.9999

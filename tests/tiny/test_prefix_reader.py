@@ -163,3 +163,17 @@ def test_no_second_copy_of_the_weights_just_to_read(tiny_model, monkeypatch):
     finally:
         if cached is not None:
             tiny_model.engines["hf"] = cached
+
+
+def test_cost_meter_counts_prefix_reads_as_prompt_tokens(tiny_model):
+    from icon2_lens.runs.costs import measure_costs
+
+    crit = resolve_criteria(["helpful"])[0]
+    ids = tokenize_texts(tiny_model, stimulus_texts(tiny_model.tokenizer, crit.positive, INSTRUCTIONS))
+    with measure_costs("extract", tiny_model) as meter, PrefixReader(tiny_model) as r:
+        r.read(ids)
+        r.read(ids[:3])  # the kept prefix: not computed again
+    c = meter.costs
+    assert c.generated_tokens == 0
+    assert c.prompt_tokens == r.tokens_run < sum(len(x) for x in ids) + sum(len(x) for x in ids[:3])
+    assert c.forward_passes == 3  # one prefix pass, two batch passes

@@ -182,3 +182,42 @@ def test_rows_errors_match_the_gram_form():
         acc.directions("pca")
     with pytest.raises(ValueError, match="Unknown method"):
         acc.directions("svd")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_positives_are_lossless_for_16_bit_activations(dtype):
+    # activations a 16-bit model computed: representable in its dtype (the readers hand them over as float32)
+    pos, neg = (x.to(dtype).float() for x in _planted(40, 3, 64))
+    wide = _fill(ContrastAccumulator(3, 64, capacity=40), pos, neg)
+    narrow = _fill(ContrastAccumulator(3, 64, capacity=40, rows_dtype=dtype), pos, neg)
+    assert narrow.form == "rows" and narrow.pos_rows[0].dtype == dtype
+    for method in METHODS:
+        u1, s1 = narrow.directions(method)
+        u2, s2 = wide.directions(method)
+        assert torch.equal(u1, u2), method  # the same numbers were kept
+        for k in s1:
+            assert torch.equal(s1[k], s2[k]), (method, k)
+    diffs = 40 * 3 * 64 * 4
+    assert narrow.nbytes() == diffs + diffs // 2  # 1.5x the differences
+    _assert_same(narrow.directions("pca"), _fill(ContrastAccumulator(3, 64, storage="gram"), pos, neg).directions("pca"))
+
+
+def test_16_bit_rows_grow_merge_and_fold():
+    pos, neg = (x.bfloat16().float() for x in _planted(60, 2, 32))
+    gram = _fill(ContrastAccumulator(2, 32, storage="gram"), pos, neg).directions("pca")
+    grown = _fill(ContrastAccumulator(2, 32, capacity=4, rows_dtype=torch.bfloat16), pos[:20], neg[:20])
+    assert grown.form == "rows" and grown.pos_rows[0].dtype == torch.bfloat16 and grown.rows_capacity >= 20
+    rest = _fill(ContrastAccumulator(2, 32, capacity=40, storage="rows", rows_dtype=torch.bfloat16), pos[20:], neg[20:])
+    merged = grown.merge(rest)  # 60 rows >= d_model 32: the Gram form
+    assert merged.form == "gram"
+    _assert_same(merged.directions("pca"), gram)
+    both_rows = grown.merge(_fill(ContrastAccumulator(2, 32, capacity=8, rows_dtype=torch.bfloat16), pos[20:28],
+                                  neg[20:28]))
+    assert both_rows.form == "rows" and both_rows.pos_rows[0].dtype == torch.bfloat16
+    mixed = grown.merge(_fill(ContrastAccumulator(2, 32, capacity=8), pos[20:28], neg[20:28]))
+    assert mixed.form == "rows" and mixed.pos_rows[0].dtype == torch.float32
+    folded = _fill(ContrastAccumulator(2, 32, capacity=8, rows_dtype=torch.bfloat16), pos, neg)  # overflows d_model
+    assert folded.form == "gram"
+    _assert_same(folded.directions("pca"), gram)
+    with pytest.raises(ValueError, match="rows_dtype"):
+        ContrastAccumulator(2, 32, capacity=8, rows_dtype=torch.int8)

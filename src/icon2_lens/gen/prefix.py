@@ -52,18 +52,18 @@ class _StopForward(Exception):
     """Raised from the deepest requested layer's hook to skip the rest of the forward pass."""
 
 
-def common_prefix_length(ids: Sequence[Sequence[int]]) -> int:
-    """Length of the longest token prefix all rows share, leaving at least one token of every row.
+def common_prefix_length(ids: Sequence[Sequence[int]], *, rest: int = 1) -> int:
+    """Length of the longest token prefix all rows share, leaving at least ``rest`` tokens of every row.
 
     Examples:
         >>> common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]])
         2
-        >>> common_prefix_length([[7, 8], [7, 8]])
-        1
+        >>> common_prefix_length([[7, 8], [7, 8]]), common_prefix_length([[7, 8, 9], [7, 8, 9]], rest=2)
+        (1, 1)
     """
     if not ids:
         return 0
-    limit = min(len(x) for x in ids) - 1
+    limit = min(len(x) for x in ids) - rest
     first = ids[0]
     n = 0
     while n < limit and all(x[n] == first[n] for x in ids):
@@ -107,12 +107,13 @@ class PrefixReader:
         if "hf" not in model.engines:  # the cache `icon2_lens.gen.engine` keeps: the HF model is built once
             model.engines["hf"] = HFEngine(model)
         self._hf = model.engines["hf"].hf_model
-        self._base = getattr(self._hf, "base_model", self._hf)
         self._modules = decoder_layers(self._hf)
         self._deepest = max(self.layers)
         # transformers 5.25 renamed ``past_key_values`` to ``cache`` (the old name warns until 5.40)
-        params = inspect.signature(self._base.forward).parameters
+        params = inspect.signature(self._hf.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        # the prefix pass runs to the end: logits of its last position only, where the model allows it
+        self._keep_one = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self._buf: Tensor | None = None
         self._rows: Tensor | None = None  # per row, the position to read (None: the prefix pass, read nothing)
         self._stack: ExitStack | None = None
@@ -170,12 +171,14 @@ class PrefixReader:
     def _device(self) -> torch.device:
         return next(self._hf.parameters()).device
 
-    def _run(self, **kwargs: Any) -> None:
+    def _run(self, **kwargs: Any) -> Any:
+        """One forward pass of the top-level HF model (the module the cost meter watches); ``None`` when the
+        deepest requested layer stopped it."""
         try:
             with torch.inference_mode():
-                self._base(use_cache=kwargs.pop("use_cache", False), **kwargs)
+                return self._hf(use_cache=kwargs.pop("use_cache", False), **kwargs)
         except _StopForward:
-            pass
+            return None
 
     def _prefix_cache(self, prefix: tuple[int, ...]) -> list[tuple[Tensor, Tensor]] | None:
         """Keys and values of ``prefix`` (one row) at every layer, computed once and kept for later batches;
@@ -186,16 +189,16 @@ class PrefixReader:
             return self._prefixes[prefix]
         if self._plain_cache is False:
             return None
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        self._rows = None  # the hooks read nothing in the prefix pass
-        self._run(input_ids=torch.tensor([prefix], device=self._device), use_cache=True, **{self._cache_kw: cache})
+        self._rows = None  # the hooks read nothing in the prefix pass, and it runs to the end
+        out = self._run(input_ids=torch.tensor([prefix], device=self._device), use_cache=True, **self._keep_one)
         self.tokens_run += len(prefix)
-        found = [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in cache.layers]
+        cache = getattr(out, "past_key_values", None)
+        found = [(getattr(layer, "keys", None), getattr(layer, "values", None))
+                 for layer in getattr(cache, "layers", None) or []]
         kv = [(k, v) for k, v in found if isinstance(k, Tensor) and isinstance(v, Tensor)]
-        if len(kv) != len(self._modules) or len(found) != len(kv):
-            self._plain_cache = False  # e.g. linear-attention layers: no prefix reuse for this model
+        sliding = getattr(cache, "is_sliding", None) or []
+        if len(kv) != len(self._modules) or len(found) != len(kv) or any(sliding):
+            self._plain_cache = False  # linear-attention or sliding-window layers: no prefix reuse for this model
             return None
         self._prefixes[prefix] = kv
         while len(self._prefixes) > _KEEP_PREFIXES:
@@ -209,7 +212,9 @@ class PrefixReader:
         if any(len(x) == 0 for x in ids):
             raise ValueError("A prompt tokenises to nothing; pass non-empty prompts.")
         b, device = len(ids), self._device
-        n_prefix = common_prefix_length(ids)
+        # two tokens of every row stay in the batch pass: a pass on a cache with one new token per row is
+        # a decoding step to the cost meter (`icon2_lens.runs.costs`), two or more a prompt read
+        n_prefix = common_prefix_length(ids, rest=2)
         self._buf = torch.empty((b, len(self.layers), self.model.d_model), dtype=torch.float32)
         try:
             if n_prefix < self.min_prefix:

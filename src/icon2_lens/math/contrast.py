@@ -186,8 +186,10 @@ class ContrastAccumulator:
       ``h+ - h-``, the sum and a shifted second moment of the pooled activations ``{h+, h-}``, and
       norm sums. Memory is ``2 x layer x d_model^2`` floats, independent of the number of pairs.
     * Rows form (``storage="rows"``): the differences and the positive activations themselves, in
-      float32 buffers of ``capacity`` rows per layer (the negatives are ``h+ - diff``): exactly
-      ``2 x capacity x layer x d_model`` floats and nothing else. Directions come from the ``n x n``
+      buffers of ``capacity`` rows per layer (the negatives are ``h+ - diff``): exactly
+      ``2 x capacity x layer x d_model`` float32 values and nothing else, or 1.5 times the differences
+      when the positives are kept in the 16-bit dtype the model computed them in (``rows_dtype``, lossless
+      for them: extraction passes the model's dtype). Directions come from the ``n x n``
       Gram matrix of the rows, so this is both smaller and faster than the Gram form when there are
       fewer pairs than ``d_model``.
     * ``storage="auto"`` (default) picks rows when ``capacity`` is given and below ``d_model``,
@@ -214,6 +216,9 @@ class ContrastAccumulator:
     n: int = 0
     capacity: int | None = field(default=None, kw_only=True)
     storage: Storage = field(default="auto", kw_only=True)
+    #: dtype of the kept positive activations in the rows form: float32, or the 16-bit dtype the activations
+    #: were computed in (bfloat16/float16: lossless for them, and the rows form then takes 1.5x the differences)
+    rows_dtype: torch.dtype = field(default=torch.float32, kw_only=True)
     form: Literal["gram", "rows"] = field(init=False, default="gram")
     # Gram form (None in the rows form)
     diff_sum: Tensor | None = field(init=False, default=None)
@@ -230,6 +235,9 @@ class ContrastAccumulator:
     def __post_init__(self) -> None:
         if self.storage not in ("auto", "gram", "rows"):
             raise ValueError(f"storage must be 'auto', 'gram' or 'rows', got {self.storage!r}.")
+        if self.rows_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"rows_dtype must be torch.float32, torch.bfloat16 or torch.float16, "
+                             f"got {self.rows_dtype}.")
         if self.capacity is not None and self.capacity < 0:
             raise ValueError(f"capacity must be a number of pairs >= 0, got {self.capacity}.")
         rows = self.storage == "rows" or (
@@ -239,7 +247,7 @@ class ContrastAccumulator:
             cap = self.capacity if self.capacity is not None else min(_DEFAULT_ROWS, max(self.d_model - 1, 1))
             self.form = "rows"
             self.diff_rows = [torch.empty(cap, self.d_model) for _ in range(self.n_layers)]
-            self.pos_rows = [torch.empty(cap, self.d_model) for _ in range(self.n_layers)]
+            self.pos_rows = [torch.empty(cap, self.d_model, dtype=self.rows_dtype) for _ in range(self.n_layers)]
         else:
             self._init_gram(zeros=True)
 
@@ -312,7 +320,7 @@ class ContrastAccumulator:
             cap = min(max(need, 2 * self.rows_capacity), self.d_model - 1)
             for bufs in (self.diff_rows, self.pos_rows):
                 for layer in range(self.n_layers):  # one layer at a time: the transient is one layer's buffer
-                    new = torch.empty(cap, self.d_model)
+                    new = torch.empty(cap, self.d_model, dtype=bufs[layer].dtype)
                     new[: self.n] = bufs[layer][: self.n]
                     bufs[layer] = new
         else:
@@ -326,7 +334,7 @@ class ContrastAccumulator:
         for layer in range(L):
             rows_d, rows_p = self.diff_rows[layer], self.pos_rows[layer]
             for c in _chunks(n):
-                dc, pc = rows_d[c], rows_p[c]
+                dc, pc = rows_d[c], rows_p[c].float()
                 nc = pc - dc
                 out.diff_sum[layer] += dc.double().sum(0)
                 out.h_sum[layer] += pc.double().sum(0) + nc.double().sum(0)
@@ -353,7 +361,7 @@ class ContrastAccumulator:
                 ref = target.h_ref[layer]
                 dg.addmm_(rows_d.T, rows_d)
                 for c in _chunks(n):
-                    sp = rows_p[c] - ref
+                    sp = rows_p[c].float() - ref
                     hg.addmm_(sp.T, sp)
                     sn = sp - rows_d[c]
                     hg.addmm_(sn.T, sn)
@@ -392,7 +400,8 @@ class ContrastAccumulator:
         if all(a.form == "rows" for a in both) and (
             total < self.d_model or all(a.storage == "rows" for a in both)
         ):
-            rows = ContrastAccumulator(self.n_layers, self.d_model, capacity=total, storage="rows")
+            dtype = self.rows_dtype if self.rows_dtype == other.rows_dtype else torch.float32
+            rows = ContrastAccumulator(self.n_layers, self.d_model, capacity=total, storage="rows", rows_dtype=dtype)
             for layer in range(self.n_layers):
                 at = 0
                 for a in both:

@@ -7,7 +7,9 @@ steered generation, judging and training:
 
 - ``forward_passes``: calls of a watched model's forward (one batched call is one pass).
 - ``prompt_tokens``: non-padding tokens read by passes that start from an empty KV cache
-  (extraction and scoring forwards, generation prefills, training forwards).
+  (extraction and scoring forwards, generation prefills, training forwards), and the new tokens of
+  a pass that reads two or more tokens per row on a cached shared prefix (`icon2_lens.gen.prefix`:
+  the prefix is counted once, when it is computed).
 - ``generated_tokens``: tokens produced by cached decoding. A generation prefill produces one
   token per row; each cached step produces one more for every row still running (its input token
   is not the pad or an end-of-sequence token). The total equals the generated lengths, end token
@@ -198,6 +200,12 @@ class CostMeter:
             mask = kwargs.get("attention_mask")
             # `cache` from transformers 5.2x (`past_key_values` before)
             cached = _cached_length(kwargs.get("cache", kwargs.get("past_key_values")))
+            if cached and ids.shape[1] > 1:  # a prompt read on a cached shared prefix (`icon2_lens.gen.prefix`)
+                if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                    count("prompt_tokens", int(mask[:, -ids.shape[1]:].sum()))
+                else:
+                    count("prompt_tokens", ids.numel())
+                return
             if cached:  # a decoding step: the rows still running produce one token each
                 last = ids[:, -1].cpu()
                 count("generated_tokens", int((~torch.isin(last, stops)).sum()) if len(stops) else ids.shape[0])
