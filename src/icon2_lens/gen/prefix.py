@@ -6,8 +6,8 @@ prompt), and scoring after the same chat-template head; on the embedded model th
 extraction's prompt tokens (83-85 of 97-120 for the *general* criterion, 14 of 28-49 for the others).
 `PrefixReader` is a drop-in for `icon2_lens.activations.LastTokenReader` that:
 
-1. finds the longest token prefix all rows of a batch share (at least one token of every row is left
-   over, so each row's last token is computed in the batch);
+1. finds the longest token prefix all rows of a batch share (at least two tokens of every row are left
+   over, so each row's last token is computed in the batch, and the cost meter counts the pass as a read);
 2. runs that prefix once, through the plain HF model that shares the bridge's weights
    (`icon2_lens.gen.hf_model`, HF's own attention and KV cache), and keeps its keys and values for the
    next batches with the same prefix (a few prefixes are kept: extraction alternates positive and
