@@ -181,22 +181,26 @@ def tokenize_texts(model: LoadedModel, texts: Sequence[str], *, fit_context: boo
 
 
 def left_pad(
-    ids: Sequence[Sequence[int]], pad_id: int
+    ids: Sequence[Sequence[int]], pad_id: int, *, side: Literal["left", "right"] = "left"
 ) -> tuple[Int[Tensor, "batch width"], Int[Tensor, "batch width"]]:
-    """Left-padded ``input_ids`` and ``attention_mask`` (1 on real tokens) of token-id lists (the one left-pad).
+    """Padded ``input_ids`` and ``attention_mask`` (1 on real tokens) of token-id lists (the one pad function):
+    on the left by default, on the right with ``side="right"`` (rows continuing a shared cached prefix).
 
     Examples:
         >>> ids, mask = left_pad([[5, 6], [7]], pad_id=0)
         >>> ids.tolist(), mask.tolist()
         ([[5, 6], [0, 7]], [[1, 1], [0, 1]])
+        >>> left_pad([[5, 6], [7]], pad_id=0, side="right")[0].tolist()
+        [[5, 6], [7, 0]]
     """
     width = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
     for i, x in enumerate(ids):
         if x:
-            input_ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
-            mask[i, width - len(x):] = 1
+            cols = slice(width - len(x), width) if side == "left" else slice(0, len(x))
+            input_ids[i, cols] = torch.tensor(list(x), dtype=torch.long)
+            mask[i, cols] = 1
     return input_ids, mask
 
 

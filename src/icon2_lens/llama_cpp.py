@@ -299,12 +299,11 @@ def _llama_cpp() -> Any:
     return llama_cpp
 
 
-def _cvec_data(vector: ControlVector | Mapping[int, Tensor], strength: float, n_embd: int) -> Any:
+def _cvec_data(vecs: Mapping[int, Tensor], strength: float, n_embd: int) -> Any:
     """llama.cpp's control-vector buffer: ``n_embd`` floats per block from block 1 to the last given block,
     block ``il`` at row ``il - 1``, times ``strength`` (what ``common_control_vector_load`` builds)."""
     import numpy as np
 
-    vecs = vector.as_dict() if isinstance(vector, ControlVector) else dict(vector)
     if not vecs:
         raise BadInputError("The control vector has no layers.", option="vector")
     data = np.zeros((max(int(k) for k in vecs), n_embd), dtype=np.float32)

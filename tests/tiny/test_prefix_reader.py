@@ -177,3 +177,26 @@ def test_cost_meter_counts_prefix_reads_as_prompt_tokens(tiny_model):
     assert c.generated_tokens == 0
     assert c.prompt_tokens == r.tokens_run < sum(len(x) for x in ids) + sum(len(x) for x in ids[:3])
     assert c.forward_passes == 3  # one prefix pass, two batch passes
+
+
+def test_the_shared_hf_model_is_built_once(tiny_model, monkeypatch):
+    import icon2_lens.gen.hf as hf_mod
+    import icon2_lens.gen.prefix as prefix
+
+    calls = []
+    real = hf_mod.shared_hf_model
+
+    def counted(model):
+        calls.append(1)
+        return real(model)
+
+    monkeypatch.setattr(prefix, "shared_hf_model", counted)
+    monkeypatch.setattr(hf_mod, "shared_hf_model", counted)
+    cached = tiny_model.engines.pop("hf", None)
+    try:
+        reader = last_token_reader(tiny_model)
+        assert isinstance(reader, PrefixReader) and tiny_model.engines["hf"].shared
+        assert len(calls) == 1
+    finally:
+        if cached is not None:
+            tiny_model.engines["hf"] = cached

@@ -27,9 +27,9 @@ def test_buffer_puts_block_il_at_row_il_minus_1_times_strength():
 
 def test_buffer_from_a_control_vector_and_its_checks():
     cv = ControlVector(layers=[1, 3], vectors=torch.ones(2, 3), model_hint="llama", index_base="repeng")
-    np.testing.assert_array_equal(_cvec_data(cv, 2.0, 3).reshape(3, 3), [[2, 2, 2], [0, 0, 0], [2, 2, 2]])
+    np.testing.assert_array_equal(_cvec_data(cv.as_dict(), 2.0, 3).reshape(3, 3), [[2, 2, 2], [0, 0, 0], [2, 2, 2]])
     with pytest.raises(BadInputError, match="width 3, the model 5"):
-        _cvec_data(cv, 1.0, 5)
+        _cvec_data(cv.as_dict(), 1.0, 5)
     with pytest.raises(BadInputError, match="Block 0"):
         _cvec_data({0: torch.ones(3)}, 1.0, 3)
     with pytest.raises(BadInputError, match="no layers"):

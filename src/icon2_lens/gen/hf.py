@@ -94,9 +94,9 @@ class HFEngine(LogitScoring):
 
     name = "hf"
 
-    def __init__(self, model: LoadedModel) -> None:
+    def __init__(self, model: LoadedModel, *, hf_model: Any | None = None) -> None:
         self.model, self.tokenizer = model, model.tokenizer
-        hf = shared_hf_model(model)
+        hf = hf_model if hf_model is not None else shared_hf_model(model)  # given: one `shared_hf_model` built
         self.shared = hf is not None
         if hf is None:
             hf = model.hf_model()

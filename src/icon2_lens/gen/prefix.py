@@ -34,7 +34,7 @@ from types import TracebackType
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from ..activations import HookKind, LastTokenReader, check_activations, hook_kind, left_pad, resolve_layers
@@ -244,7 +244,7 @@ class PrefixReader:
         cache = DynamicCache()
         for i, (k, v) in enumerate(kv):
             cache.update(k.expand(b, *k.shape[1:]).contiguous(), v.expand(b, *v.shape[1:]).contiguous(), i)
-        suffix_ids, suffix_mask = _right_pad([x[n_prefix:] for x in ids], self._pad_id)
+        suffix_ids, suffix_mask = left_pad([x[n_prefix:] for x in ids], self._pad_id, side="right")
         width = suffix_ids.shape[1]
         mask = torch.cat([torch.ones((b, n_prefix), dtype=torch.long), suffix_mask], 1)
         positions = (n_prefix + torch.arange(width))[None].expand(b, width)
@@ -255,24 +255,16 @@ class PrefixReader:
         self.tokens_reused += n_prefix * (b - 1)
 
 
-def _right_pad(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[Int[Tensor, "batch width"],
-                                                                   Int[Tensor, "batch width"]]:
-    """Right-padded ids and attention mask (1 on real tokens)."""
-    width = max(len(x) for x in ids)
-    out = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        out[i, :len(x)] = torch.tensor(list(x), dtype=torch.long)
-        mask[i, :len(x)] = 1
-    return out, mask
-
-
 def _shares_weights(model: LoadedModel) -> bool:
-    """Whether the HF fast path runs on the bridge's own weights (no second copy)."""
+    """Whether the HF fast path runs on the bridge's own weights (no second copy); builds and keeps its engine
+    (the cache `icon2_lens.gen.engine` keeps) when they can be shared."""
     eng = model.engines.get("hf")
-    if eng is not None:
-        return bool(eng.shared)
-    return shared_hf_model(model) is not None
+    if eng is None:
+        hf = shared_hf_model(model)
+        if hf is None:
+            return False
+        eng = model.engines["hf"] = HFEngine(model, hf_model=hf)
+    return bool(eng.shared)
 
 
 def last_token_reader(model: LoadedModel, *, hook: HookKind | str = "resid_post",
